@@ -1,0 +1,43 @@
+# kvmfilter: two commands on a fresh machine (see README.md).
+#   make run   - set up .venv, install, run the bundled guest
+#   make test  - set up .venv, install with test extras, run the test suite
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+GUEST_SRC := $(wildcard kvmfilter/guests/*.S tests/guests/*.S)
+GUEST_BIN := $(GUEST_SRC:.S=.bin)
+
+.PHONY: run test bench guests clean-guests venv clean
+
+$(STAMP): pyproject.toml setup.py kvmfilter/_build.py cstubs/kvm_cdef.h cstubs/kvm_source.c
+	@test -e $(PY) || $(PYTHON) -m venv $(VENV) \
+	  || { echo "kvmfilter: '$(PYTHON) -m venv' failed: install python3-venv" >&2; exit 2; }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/kvmfilter run
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/kvmfilter bench
+
+# Guest images: flat real-mode binaries linked at 0x7C00.
+guests: $(GUEST_BIN)
+
+%.bin: %.S
+	gcc -m32 -c -o $*.o $<
+	ld -m elf_i386 -Ttext 0x7c00 -e _start --build-id=none -o $*.elf $*.o
+	objcopy -O binary -j .text $*.elf $@
+	rm -f $*.o $*.elf
+
+clean:
+	rm -rf $(VENV) build *.egg-info kvmfilter/_kvm*.so

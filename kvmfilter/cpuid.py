@@ -1,0 +1,56 @@
+"""L1: CPUID tables for KVM_SET_CPUID2, and the paravirt leaves we edit.
+
+KVM ABI: kvm-abi.md section 4 / api.rst KVM_GET_SUPPORTED_CPUID.  KVM reports
+0x40000000 (signature) and 0x40000001 (its own PV features); the VMM ORs in the
+feature bits it implements itself (16: HC_MAP_GPA_RANGE, 17: MIGRATION_CONTROL).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+from ._kvm import lib
+
+KVM_SIGNATURE = (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM\0\0\0" in ebx, ecx, edx
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+class CpuidError(ValueError):
+    """The supported CPUID table lacks what the VMM needs to advertise."""
+
+
+def with_pv_features(entries: Iterable[CpuidEntry], set_bits: int,
+                     clear_bits: int = 0) -> list[CpuidEntry]:
+    """Return ``entries`` with KVM_CPUID_FEATURES.EAX |= set_bits, &= ~clear_bits.
+
+    Raises:
+        CpuidError: the table has no KVM signature leaf or no features leaf.
+    """
+    entries = list(entries)
+    functions = {e.function: e for e in entries}
+    sig = functions.get(lib.KVM_CPUID_SIGNATURE)
+    if sig is None or (sig.ebx, sig.ecx, sig.edx) != KVM_SIGNATURE:
+        raise CpuidError("KVM_GET_SUPPORTED_CPUID has no KVM signature leaf 0x40000000")
+    if lib.KVM_CPUID_FEATURES not in functions:
+        raise CpuidError("KVM_GET_SUPPORTED_CPUID has no KVM features leaf 0x40000001")
+    return [replace(e, eax=(e.eax | set_bits) & ~clear_bits & 0xFFFF_FFFF)
+            if e.function == lib.KVM_CPUID_FEATURES else e
+            for e in entries]
+
+
+def pv_features(entries: Iterable[CpuidEntry]) -> int:
+    """KVM_CPUID_FEATURES.EAX of a table (0 when the leaf is absent)."""
+    for e in entries:
+        if e.function == lib.KVM_CPUID_FEATURES:
+            return e.eax
+    return 0

@@ -1,0 +1,212 @@
+"""L3: the MSR_KVM_MIGRATION_CONTROL policy and the readiness record.
+
+Pure: no cffi, no file descriptors, importable without /dev/kvm.  This is what
+a custom VMM embeds: hand it every access to MSR 0x4b564d08 as
+``control.access(vcpu, op, data)`` and apply the verdict (``gp`` -> inject #GP,
+else complete the access; for RDMSR the guest reads ``verdict.value``).
+
+The rules (Documentation/virt/kvm/x86/msr.rst, MSR_KVM_MIGRATION_CONTROL, and
+the review of the 2021 SEV live-migration series):
+- the MSR exists only if CPUID 0x40000001.EAX bit 17 is advertised; if not,
+  every RDMSR and WRMSR gets #GP;
+- WRMSR with any bit but bit 0 (KVM_MIGRATION_READY) set gets #GP, value unchanged;
+- WRMSR 0 or 1 is accepted; the value is VM-wide and the last write wins;
+- RDMSR returns the value; it starts at 0 for a VM with encrypted memory,
+  1 for one without.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from array import array
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+log = logging.getLogger("kvmfilter.migration")
+
+MSR_KVM_MIGRATION_CONTROL = 0x4B56_4D08  # asm/kvm_para.h
+KVM_MIGRATION_READY = 1 << 0  # asm/kvm_para.h
+KVM_FEATURE_MIGRATION_CONTROL = 17  # asm/kvm_para.h: CPUID 0x40000001.EAX bit
+
+RDMSR = "rdmsr"
+WRMSR = "wrmsr"
+OK = "ok"
+GP = "gp"
+
+ACCESS_LOG_LIMIT = 1024  # run report: the first 1024 accesses, in order
+
+
+def rfc3339(t: float) -> str:
+    """Seconds since the epoch -> RFC 3339 UTC with microseconds."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds") \
+        .replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do with one access.  ``value``: the MSR value after it (for
+    RDMSR, what the guest reads)."""
+    gp: bool
+    value: int
+
+    @property
+    def name(self) -> str:
+        return GP if self.gp else OK
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    vcpu: int
+    old: int
+    new: int
+    time: float  # seconds since the epoch
+
+    def to_json(self) -> dict:
+        return {"vcpu": self.vcpu, "from": self.old, "to": self.new,
+                "time": rfc3339(self.time)}
+
+
+Listener = Callable[[Transition], None]
+
+
+class MigrationControl:
+    """The VM-wide migration-control MSR and its record.  Thread-safe.
+
+    Args:
+        advertised: CPUID 0x40000001.EAX bit 17 is set for the guest.
+        encrypted_memory: the VM models encrypted memory (initial value 0);
+            False models a plain VM (initial value 1).
+        clock: seconds since the epoch (tests pass a fake one).
+    """
+
+    def __init__(self, advertised: bool = True, encrypted_memory: bool = True,
+                 clock: Callable[[], float] = time.time):
+        self.advertised = advertised
+        self.encrypted_memory = encrypted_memory
+        self.initial_value = 0 if encrypted_memory else KVM_MIGRATION_READY
+        self._value = self.initial_value
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._listeners: list[Listener] = []
+        self.since = clock()  # when the value last changed (or the VM was created)
+        self.last_writer: int | None = None
+        self.accesses: list[dict] = []
+        self.accesses_total = 0
+        self.verdicts = {OK: 0, GP: 0}
+        self.per_vcpu: dict[int, dict[str, int]] = {}
+        # Transitions, kept compactly: a guest may toggle the MSR millions of times.
+        self._t_vcpu = array("I")
+        self._t_new = array("B")
+        self._t_time = array("d")
+
+    # -- the policy -----------------------------------------------------------
+
+    def decide(self, op: str, data: int, value: int) -> Verdict:
+        """The rule alone: no state, no record.  ``value`` is the current value."""
+        if not self.advertised:
+            return Verdict(True, value)
+        if op == RDMSR:
+            return Verdict(False, value)
+        if op != WRMSR:
+            raise ValueError(f"op must be {RDMSR!r} or {WRMSR!r}, not {op!r}")
+        if data & ~KVM_MIGRATION_READY:
+            return Verdict(True, value)
+        return Verdict(False, data)
+
+    def access(self, vcpu: int, op: str, data: int = 0) -> Verdict:
+        """Decide one guest access, record it, and notify listeners of a change.
+
+        Listeners run before this returns, so a journal commits a transition
+        before the vCPU that caused it re-enters the guest.
+        """
+        with self._lock:
+            old = self._value
+            verdict = self.decide(op, data, old)
+            self.accesses_total += 1
+            self.verdicts[verdict.name] += 1
+            counts = self.per_vcpu.get(vcpu)
+            if counts is None:
+                counts = self.per_vcpu[vcpu] = {RDMSR: 0, WRMSR: 0}
+            counts[op] += 1
+            if len(self.accesses) < ACCESS_LOG_LIMIT:
+                self.accesses.append({"vcpu": vcpu, "op": op,
+                                      "data": data if op == WRMSR
+                                      else 0 if verdict.gp else verdict.value,
+                                      "verdict": verdict.name})
+            if op == WRMSR and not verdict.gp:
+                self.last_writer = vcpu
+                if verdict.value != old:
+                    self._transition(Transition(vcpu, old, verdict.value, self._clock()))
+            return verdict
+
+    def _transition(self, t: Transition) -> None:
+        self._value = t.new
+        self.since = t.time
+        self._t_vcpu.append(t.vcpu)
+        self._t_new.append(t.new)
+        self._t_time.append(t.time)
+        log.info("migration_readiness_changed",
+                 extra={"vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new)})
+        for listener in self._listeners:
+            listener(t)
+
+    # -- observers ------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(transition)`` on every change, in order, under the lock."""
+        self._listeners.append(listener)
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @property
+    def ready(self) -> bool:
+        """The guest has announced it may be live-migrated (and could say so)."""
+        return self.advertised and bool(self._value & KVM_MIGRATION_READY)
+
+    @property
+    def transitions_total(self) -> int:
+        return len(self._t_new)
+
+    def transitions(self) -> list[Transition]:
+        with self._lock:
+            out = []
+            old = self.initial_value
+            for vcpu, new, t in zip(self._t_vcpu, self._t_new, self._t_time):
+                out.append(Transition(vcpu, old, new, t))
+                old = new
+            return out
+
+    def blocked_reasons(self) -> list[str]:
+        """Why the guest may not be live-migrated now; empty when it may."""
+        reasons = []
+        if not self.advertised:
+            reasons.append("The guest was not offered migration control (CPUID "
+                           "0x40000001 bit 17 is clear), so it cannot announce that "
+                           "it is ready; start the VM without --no-migration-control.")
+        elif not self.ready:
+            reasons.append("The guest has not announced that it is ready for live "
+                           "migration (MSR_KVM_MIGRATION_CONTROL is 0); wait for it "
+                           "to write KVM_MIGRATION_READY.")
+        return reasons
+
+    def snapshot(self) -> dict:
+        """The run report's ``migration`` section (design.md)."""
+        transitions = [t.to_json() for t in self.transitions()]
+        with self._lock:
+            return {
+                "advertised": self.advertised,
+                "value": self._value,
+                "ready": self.ready,
+                "initial_value": self.initial_value,
+                "accesses": list(self.accesses),
+                "accesses_total": self.accesses_total,
+                "verdicts": dict(self.verdicts),
+                "per_vcpu": {str(v): dict(c) for v, c in sorted(self.per_vcpu.items())},
+                "transitions": transitions,
+                "since": rfc3339(self.since),
+                "blocked_reasons": self.blocked_reasons(),
+            }
