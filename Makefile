@@ -10,12 +10,12 @@ STAMP  := $(VENV)/.installed
 GUEST_SRC := $(wildcard kvmfilter/guests/*.S tests/guests/*.S)
 GUEST_BIN := $(GUEST_SRC:.S=.bin)
 
-.PHONY: run test bench guests clean-guests venv clean
+.PHONY: run test unit bench guests venv clean
 
 $(STAMP): pyproject.toml setup.py kvmfilter/_build.py cstubs/kvm_cdef.h cstubs/kvm_source.c
+	@./.ci/sysdeps
 	@test -e $(PY) || $(PYTHON) -m venv $(VENV) \
 	  || { echo "kvmfilter: '$(PYTHON) -m venv' failed: install python3-venv" >&2; exit 2; }
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
@@ -26,6 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same tests, without the real-KVM ones (a laptop without /dev/kvm).
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/kvmfilter bench

@@ -16,6 +16,12 @@ from .cpuid import CpuidEntry
 from .msr_filter import MsrFilter
 
 DEV_KVM = "/dev/kvm"
+KVM_API_VERSION = 12
+
+
+def default_device() -> str:
+    """/dev/kvm, unless KVMFILTER_DEV_KVM names another node (tests, containers)."""
+    return os.environ.get("KVMFILTER_DEV_KVM") or DEV_KVM
 
 # What to do about each way opening /dev/kvm fails (kvmtool's hints, ours).
 _OPEN_HINTS = {
@@ -82,7 +88,8 @@ class _Fd:
 class Kvm(_Fd):
     """The system fd (/dev/kvm)."""
 
-    def __init__(self, path: str = DEV_KVM):
+    def __init__(self, path: str | None = None):
+        path = path or default_device()
         fd = lib.kvmf_open(path.encode())
         if fd < 0:
             err = -fd
@@ -90,6 +97,14 @@ class Kvm(_Fd):
         self.fd = fd
         self.path = path
         self._mmap_size: int | None = None
+        # api.rst: applications should refuse to run unless the API version is 12.
+        version = lib.kvmf_ioctl_arg(fd, lib.KVM_GET_API_VERSION, 0)
+        if version != KVM_API_VERSION:
+            self.close()
+            if version < 0:
+                raise KvmError(-version, f"open {path}", "this is not a KVM device")
+            raise KvmError(_errno.EPROTO, f"open {path}",
+                           f"KVM API version {version}, kvmfilter needs {KVM_API_VERSION}")
 
     def get_api_version(self) -> int:
         return _check(lib.kvmf_ioctl_arg(self.fd, lib.KVM_GET_API_VERSION, 0),

@@ -19,8 +19,8 @@ from typing import Callable, Optional, Protocol
 from . import exits
 from ._kvm import lib
 from .cpuid import CpuidEntry, with_pv_features
-from .exits import (HltExit, HypercallExit, InterruptedExit, IoExit, MsrExit, MsrReply,
-                    ShutdownExit, apply, decode)
+from .exits import (HltExit, HypercallExit, HypercallReply, InterruptedExit, IoExit,
+                    MsrExit, MsrReply, ShutdownExit, apply, decode)
 from .kvm import GuestMemory, Kvm, KvmError, Vcpu, Vm
 from .msr_filter import READ, WRITE, MsrFilter
 
@@ -70,6 +70,14 @@ class MsrHandler(Protocol):
 
 
 PortHandler = Callable[[int, IoExit], Optional[bytes]]
+# Returns the guest's RAX: 0 or a negative KVM_E* error.
+HypercallHandler = Callable[[int, HypercallExit], int]
+
+# dispatch() outcomes
+CONTINUE = "continue"
+HALTED = "halted"
+STOPPED = "stopped"
+_EXIT_NAMES = exits.EXIT_NAMES
 
 
 @dataclass
@@ -122,6 +130,17 @@ def _kick_signal_number() -> int:
         return _kick_signal
 
 
+def kick_vcpu_thread(vcpu: Vcpu, thread_ident: int) -> None:
+    """Get the thread running ``vcpu`` out of KVM_RUN, now or at its next entry.
+
+    The thread must be alive (pthread_kill on a finished thread is undefined).
+    """
+    # KVM ABI: api.rst, immediate_exit: set before the signal, so a vCPU that
+    # is between KVM_RUNs returns EINTR on its next entry instead of missing it.
+    vcpu.run_page.immediate_exit = 1
+    signal.pthread_kill(thread_ident, _kick_signal_number())
+
+
 class _VcpuThread:
     """A vCPU and the thread that runs it; ``kick()`` gets it out of KVM_RUN."""
 
@@ -139,13 +158,9 @@ class _VcpuThread:
         self.thread.start()
 
     def kick(self) -> None:
-        # KVM ABI: api.rst, immediate_exit: set before the signal, so a vCPU
-        # that is between KVM_RUNs returns EINTR on its next entry instead of
-        # missing the signal.
-        self.vcpu.run_page.immediate_exit = 1
         with self._alive_lock:
             if self._alive and self.thread.ident is not None:
-                signal.pthread_kill(self.thread.ident, _kick_signal_number())
+                kick_vcpu_thread(self.vcpu, self.thread.ident)
 
     def _main(self) -> None:
         try:
@@ -168,7 +183,7 @@ class Machine:
     context manager) releases every fd and mapping.
     """
 
-    def __init__(self, kvm: Kvm, image: bytes, *, memory_size: int = DEFAULT_MEMORY,
+    def __init__(self, kvm: Kvm | None, image: bytes, *, memory_size: int = DEFAULT_MEMORY,
                  vcpus: int = 1, timeout: float = DEFAULT_TIMEOUT,
                  pv_features: int = 0, before_first_run: Callable[[Vm], None] | None = None):
         validate_image(image)
@@ -189,6 +204,9 @@ class Machine:
             CONSOLE_PORT: self._console_out,
             DEBUG_EXIT_PORT: self._debug_exit,
         }
+        self.hypercall_handlers: dict[int, HypercallHandler] = {}
+        self._hypercall_features: dict[int, int] = {}
+        self.hypercall_exits: dict[int, str] = {}  # nr -> "enabled" or why not
         self.vm: Vm | None = None
         self.memory: GuestMemory | None = None
         self._threads: list[_VcpuThread] = []
@@ -215,6 +233,19 @@ class Machine:
             raise RuntimeError("handlers must be registered before run()")
         self.port_handlers[port] = handler
 
+    def add_hypercall_handler(self, nr: int, handler: HypercallHandler,
+                              cpuid_feature_bit: int | None = None) -> None:
+        """Serve hypercall ``nr`` through KVM_CAP_EXIT_HYPERCALL.
+
+        The CPUID PV feature bit, if given, is advertised only when KVM agreed to
+        exit on this hypercall (enabled before any vCPU exists).
+        """
+        if self._ran:
+            raise RuntimeError("handlers must be registered before run()")
+        self.hypercall_handlers[nr] = handler
+        if cpuid_feature_bit is not None:
+            self._hypercall_features[nr] = cpuid_feature_bit
+
     def msr_filter(self) -> MsrFilter:
         """The filter, derived from the handler table: one denying range per MSR."""
         return MsrFilter.deny_only({
@@ -233,10 +264,11 @@ class Machine:
         self._check_caps(REQUIRED_CAPS)
         if self.msr_handlers:
             self._check_caps(MSR_CAPS)
-        cpuid = self.kvm.get_supported_cpuid()
-        if self.pv_features:
-            cpuid = with_pv_features(cpuid, self.pv_features)
         self.vm = vm = self.kvm.create_vm()
+        pv_features = self.pv_features | self._enable_hypercall_exits(vm)
+        cpuid = self.kvm.get_supported_cpuid()
+        if pv_features:
+            cpuid = with_pv_features(cpuid, pv_features)
         self.memory = GuestMemory(self.memory_size)
         self.memory.write(LOAD_ADDRESS, self.image)
         vm.set_user_memory_region(0, 0, self.memory_size, self.memory.address)
@@ -251,9 +283,30 @@ class Machine:
             vcpu = vm.create_vcpu(index)
             self._threads.append(_VcpuThread(self, vcpu))
             vcpu.set_cpuid2(_per_vcpu_cpuid(cpuid, index, self.nvcpus))
-            _reset_real_mode(vcpu, index)
+            reset_real_mode(vcpu, index)
         log.info("vm_created", extra={"vcpus": self.nvcpus, "memory": self.memory_size,
                                       "msrs": sorted(self.msr_handlers)})
+
+    def _enable_hypercall_exits(self, vm: Vm) -> int:
+        """Enable the hypercall exits KVM offers; return the CPUID bits earned."""
+        if not self.hypercall_handlers:
+            return 0
+        offered = vm.check_extension(lib.KVM_CAP_EXIT_HYPERCALL)
+        mask = 0
+        for nr in self.hypercall_handlers:
+            if offered & (1 << nr):
+                mask |= 1 << nr
+                self.hypercall_exits[nr] = "enabled"
+            else:
+                self.hypercall_exits[nr] = ("KVM does not offer KVM_CAP_EXIT_HYPERCALL "
+                                            f"for hypercall {nr} (mask {offered:#x})")
+        if not mask:
+            return 0
+        # KVM ABI: api.rst, KVM_CAP_EXIT_HYPERCALL: enable before advertising the
+        # PV feature that lets the guest use the hypercall.
+        vm.enable_cap(lib.KVM_CAP_EXIT_HYPERCALL, mask)
+        return sum(1 << bit for nr, bit in self._hypercall_features.items()
+                   if mask & (1 << nr))
 
     # -- running --------------------------------------------------------------
 
@@ -261,6 +314,8 @@ class Machine:
         """Run every vCPU until the VM stops or the timeout expires."""
         if self._ran:
             raise RuntimeError("a Machine runs once")
+        if self.kvm is None:
+            raise RuntimeError("Machine.run() needs a Kvm")
         self._ran = True
         self._setup()
         _kick_signal_number()
@@ -311,53 +366,63 @@ class Machine:
         vcpu = vt.vcpu
         run = vcpu.run_page
         counts = vt.exits
-        msr_handlers = self.msr_handlers
+        dispatch = self.dispatch
         while self._stop is None:
             vcpu.run()
             reason = run.exit_reason
-            name = exits.EXIT_NAMES.get(reason) or exits.exit_name(reason)
+            name = _EXIT_NAMES.get(reason) or exits.exit_name(reason)
             counts[name] = counts.get(name, 0) + 1
-            ex = decode(run)
-            kind = type(ex)
-            if kind is MsrExit:
-                handler = msr_handlers.get(ex.index)
-                if handler is None:
-                    self.stop(StopRecord("unhandled", 1,
-                                         f"{ex.op} of MSR {ex.index:#x} exited to userspace "
-                                         "but no handler is registered", vcpu.id))
-                    return
-                apply(run, handler(vcpu.id, ex.op, ex.data))
-            elif kind is IoExit:
-                self._io(vcpu.id, run, ex)
-            elif kind is InterruptedExit:
-                run.immediate_exit = 0
-            elif kind is HltExit:
-                vt.halted = True
-                log.debug("vcpu_halted", extra={"vcpu": vcpu.id})
+            outcome = dispatch(vcpu.id, run)
+            if outcome is not CONTINUE:
+                vt.halted = outcome is HALTED
                 return
-            elif kind is ShutdownExit:
-                self.stop(StopRecord("shutdown", 1, "triple fault: the vCPU shut down",
-                                     vcpu.id))
-                return
-            elif kind is HypercallExit:
-                self.stop(StopRecord("unhandled", 1, f"hypercall {ex.nr} with no handler",
-                                     vcpu.id))
-                return
-            elif kind is exits.FailEntryExit:
-                self.stop(StopRecord("fail_entry", 1,
-                                     f"hardware entry failure reason "
-                                     f"{ex.hardware_entry_failure_reason:#x} on CPU {ex.cpu}",
-                                     vcpu.id))
-                return
-            elif kind is exits.InternalErrorExit:
-                self.stop(StopRecord("internal_error", 1,
-                                     f"KVM internal error, suberror {ex.suberror}, data "
-                                     f"{[hex(d) for d in ex.data]}", vcpu.id))
-                return
-            else:
-                self.stop(StopRecord("unhandled", 1, f"exit reason {ex.reason} "
-                                     f"({ex.name}) is not serviced", vcpu.id))
-                return
+
+    def dispatch(self, vcpu_id: int, run) -> str:
+        """Service the exit in ``run`` (any run page, also a hand-filled one).
+
+        Returns CONTINUE (re-enter the guest), HALTED (this vCPU is done) or
+        STOPPED (the VM is stopping; ``self.stop`` has the reason).
+        """
+        ex = decode(run)
+        kind = type(ex)
+        if kind is MsrExit:
+            handler = self.msr_handlers.get(ex.index)
+            if handler is None:
+                self.stop(StopRecord("unhandled", 1,
+                                     f"{ex.op} of MSR {ex.index:#x} exited to userspace "
+                                     "but no handler is registered", vcpu_id))
+                return STOPPED
+            apply(run, handler(vcpu_id, ex.op, ex.data))
+            return CONTINUE
+        if kind is IoExit:
+            self._io(vcpu_id, run, ex)
+            return CONTINUE
+        if kind is InterruptedExit:
+            run.immediate_exit = 0
+            return CONTINUE if self._stop is None else STOPPED
+        if kind is HltExit:
+            log.debug("vcpu_halted", extra={"vcpu": vcpu_id})
+            return HALTED
+        if kind is HypercallExit:
+            handler = self.hypercall_handlers.get(ex.nr)
+            # KVM ABI: linux/kvm_para.h: an unknown hypercall returns -KVM_ENOSYS.
+            ret = -lib.KVM_ENOSYS if handler is None else handler(vcpu_id, ex)
+            apply(run, HypercallReply(ret))
+            return CONTINUE
+        if kind is ShutdownExit:
+            record = StopRecord("shutdown", 1, "triple fault: the vCPU shut down", vcpu_id)
+        elif kind is exits.FailEntryExit:
+            record = StopRecord("fail_entry", 1, "hardware entry failure reason "
+                                f"{ex.hardware_entry_failure_reason:#x} on CPU {ex.cpu}",
+                                vcpu_id)
+        elif kind is exits.InternalErrorExit:
+            record = StopRecord("internal_error", 1, f"KVM internal error, suberror "
+                                f"{ex.suberror}, data {[hex(d) for d in ex.data]}", vcpu_id)
+        else:
+            record = StopRecord("unhandled", 1, f"exit reason {ex.reason} ({ex.name}) "
+                                "is not serviced", vcpu_id)
+        self.stop(record)
+        return STOPPED
 
     def _io(self, vcpu_id: int, run, ex: IoExit) -> None:
         handler = self.port_handlers.get(ex.port)
@@ -430,7 +495,7 @@ def _per_vcpu_cpuid(cpuid: list[CpuidEntry], index: int, count: int) -> list[Cpu
     return out
 
 
-def _reset_real_mode(vcpu: Vcpu, index: int) -> None:
+def reset_real_mode(vcpu: Vcpu, index: int) -> None:
     sregs = vcpu.get_sregs()
     for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
         seg.base = 0

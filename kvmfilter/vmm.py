@@ -1,0 +1,238 @@
+"""L4: a kvmfilter VM - the Machine wired to the migration-control policy, the
+page map, the journal - and the run report (design.md).
+
+Shared by ``kvmfilter run``, ``kvmfilter serve`` and the benchmarks, so every
+path services the MSR the same way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Optional
+
+from ._kvm import lib
+from .exits import MSR_GP, HypercallExit, MsrReply
+from .journal import ReadinessJournal
+from .kvm import Kvm
+from .machine import (DEFAULT_MEMORY, DEFAULT_TIMEOUT, MAX_IMAGE_SIZE, ImageError, Machine,
+                      RunResult, validate_image)
+from .migration import MSR_KVM_MIGRATION_CONTROL, MigrationControl
+from .pagemap import PageMap
+
+log = logging.getLogger("kvmfilter.vmm")
+
+BUNDLED_GUESTS = ("conformance", "hello")
+DEFAULT_GUEST = "conformance"
+PAGE_SIZE = 4096
+# attrs bits 3:0 = page-size hint; bit 4 = encrypted; 63:5 reserved (asm/kvm_para.h)
+_MAP_PAGE_SIZES = (lib.KVM_MAP_GPA_RANGE_PAGE_SZ_4K, lib.KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
+                   lib.KVM_MAP_GPA_RANGE_PAGE_SZ_1G)
+_MAP_ENCRYPTED = lib.KVM_MAP_GPA_RANGE_ENCRYPTED
+_MAP_RESERVED = ~0x1F & 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class RunOptions:
+    image: Optional[str] = None  # a path; None = the bundled conformance guest
+    memory: int = DEFAULT_MEMORY
+    vcpus: int = 1
+    timeout: float = DEFAULT_TIMEOUT
+    migration_control: bool = True
+    map_gpa_range: bool = True
+    plain_memory: bool = False
+    journal: Optional[str] = None
+    name: str = "vm"
+
+
+def load_image(path: Optional[str]) -> tuple[bytes, str]:
+    """The image bytes and its report label; ``None`` -> the bundled default.
+
+    Raises:
+        ImageError: missing, unreadable, empty or oversized.
+    """
+    if path is None:
+        return bundled_guest(DEFAULT_GUEST), f"<bundled:{DEFAULT_GUEST}>"
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_IMAGE_SIZE:
+            raise ImageError(f"{path}: {size} bytes; an image must fit in {MAX_IMAGE_SIZE} "
+                             "bytes between 0x7C00 and 0xA0000")
+        with open(path, "rb") as f:
+            image = f.read(MAX_IMAGE_SIZE + 1)
+    except OSError as exc:
+        raise ImageError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        validate_image(image)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+    return image, path
+
+
+def bundled_guest(name: str) -> bytes:
+    return resources.files("kvmfilter.guests").joinpath(f"{name}.bin").read_bytes()
+
+
+class MigrationControlMsr:
+    """MsrHandler for MSR_KVM_MIGRATION_CONTROL: delegates to the policy."""
+
+    reads = True
+    writes = True
+
+    def __init__(self, control: MigrationControl):
+        self.control = control
+        self._ok = {0: MsrReply(False, 0), 1: MsrReply(False, 1)}
+
+    def __call__(self, vcpu: int, op: str, data: int) -> MsrReply:
+        verdict = self.control.access(vcpu, op, data)
+        if verdict.gp:
+            return MSR_GP
+        return self._ok.get(verdict.value) or MsrReply(False, verdict.value)
+
+
+class MapGpaRange:
+    """Hypercall handler for KVM_HC_MAP_GPA_RANGE: validates and updates the page map.
+
+    KVM ABI: kvm-abi.md section 3.  RBX = gpa, RCX = npages (4 KiB), RDX = attrs.
+    Outside long mode the arguments are 32-bit.
+    """
+
+    def __init__(self, page_map: PageMap, memory_size: int):
+        self.page_map = page_map
+        self.memory_size = memory_size
+        self.rejected = 0
+
+    def __call__(self, vcpu: int, ex: HypercallExit) -> int:
+        gpa, npages, attrs = ex.args[0], ex.args[1], ex.args[2]
+        if not ex.long_mode:
+            gpa, npages, attrs = gpa & 0xFFFF_FFFF, npages & 0xFFFF_FFFF, attrs & 0xFFFF_FFFF
+        end = gpa + npages * PAGE_SIZE
+        if (attrs & _MAP_RESERVED or (attrs & 0xF) not in _MAP_PAGE_SIZES
+                or gpa % PAGE_SIZE or npages == 0 or end > self.memory_size):
+            self.rejected += 1
+            log.warning("map_gpa_range_rejected", extra={"vcpu": vcpu, "gpa": gpa,
+                                                        "npages": npages, "attrs": attrs})
+            return -lib.KVM_EINVAL
+        self.page_map.update(gpa, end, shared=not attrs & _MAP_ENCRYPTED)
+        return 0
+
+
+class Vmm:
+    """One kvmfilter VM: build it, ``run()`` it, ``report()`` on it, ``close()``.
+
+    Raises (from the constructor):
+        ImageError, ValueError: bad image or options.
+        JournalError: the journal cannot be opened.
+    """
+
+    def __init__(self, kvm: Optional[Kvm], options: RunOptions,
+                 image: Optional[bytes] = None, label: Optional[str] = None):
+        self.options = options
+        if image is None:
+            image, label = load_image(options.image)
+        self.label = label or "<bytes>"
+        self.journal = (ReadinessJournal(options.journal, options.name)
+                        if options.journal else None)
+        self.control = MigrationControl(advertised=options.migration_control,
+                                        encrypted_memory=not options.plain_memory)
+        if self.journal is not None:
+            self.control.add_listener(self.journal.record)
+        self.page_map = PageMap(tracking=not options.plain_memory)
+        self.machine = Machine(
+            kvm, image, memory_size=options.memory, vcpus=options.vcpus,
+            timeout=options.timeout,
+            pv_features=(1 << lib.KVM_FEATURE_MIGRATION_CONTROL)
+            if options.migration_control else 0)
+        # The MSR is trapped even when not advertised: the guest then gets #GP
+        # from the policy, not whatever KVM would do with an unknown MSR.
+        self.machine.add_msr_handler(MSR_KVM_MIGRATION_CONTROL,
+                                     MigrationControlMsr(self.control))
+        self.map_gpa_range: Optional[MapGpaRange] = None
+        if options.map_gpa_range:
+            self.map_gpa_range = MapGpaRange(self.page_map, options.memory)
+            self.machine.add_hypercall_handler(lib.KVM_HC_MAP_GPA_RANGE, self.map_gpa_range,
+                                               cpuid_feature_bit=lib.KVM_FEATURE_HC_MAP_GPA_RANGE)
+        self.result: Optional[RunResult] = None
+
+    def run(self, kvm: Optional[Kvm] = None) -> RunResult:
+        """Run the VM to its end; ``kvm`` if the VMM was built without one."""
+        if kvm is not None:
+            self.machine.kvm = kvm
+        self.result = self.machine.run()
+        return self.result
+
+    def blocked_reasons(self) -> list[str]:
+        reasons = self.control.blocked_reasons()
+        if self.page_map.tracking and self.control.advertised:
+            status = self.machine.hypercall_exits.get(lib.KVM_HC_MAP_GPA_RANGE)
+            if not self.options.map_gpa_range:
+                reasons.append("Page encryption status is not reported (started with "
+                               "--no-map-gpa-range), so the shared pages of this "
+                               "encrypted guest are unknown; restart without it.")
+            elif status is not None and status != "enabled":
+                reasons.append("Page encryption status cannot be reported on this host "
+                               f"({status}), so the shared pages of this encrypted guest "
+                               "are unknown; run it on a host whose KVM offers the "
+                               "KVM_HC_MAP_GPA_RANGE exit.")
+        return reasons
+
+    def report(self) -> dict:
+        """The run report (design.md, "the run report"); extra fields only added."""
+        result = self.result
+        migration = self.control.snapshot()
+        migration["blocked_reasons"] = self.blocked_reasons()
+        page_map = self.page_map.snapshot()
+        page_map["hypercall_exit"] = self.machine.hypercall_exits.get(
+            lib.KVM_HC_MAP_GPA_RANGE, "disabled (--no-map-gpa-range)")
+        report = {
+            "image": self.label,
+            "vcpus": self.options.vcpus,
+            "exit": {"reason": result.exit.reason, "code": result.exit.code,
+                     "detail": result.exit.detail},
+            "console": result.console,
+            "migration": migration,
+            "page_map": page_map,
+            "exits": dict(sorted(result.exits.items())),
+            "unhandled_ports": {f"{p:#x}": n for p, n in result.unhandled_ports.items()},
+            "elapsed_s": round(result.elapsed_s, 6),
+        }
+        if result.console_dropped:
+            report["console_dropped"] = result.console_dropped
+        report["checks"] = self_checks(report)
+        report["ok"] = run_ok(report)
+        return report
+
+    def close(self) -> None:
+        self.machine.close()
+        if self.journal is not None:
+            self.journal.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_GUEST_GP = re.compile(r"^# guest saw (\d+) #GP$", re.MULTILINE)
+
+
+def self_checks(report: dict) -> list[dict]:
+    """Host-side cross-checks of what the guest said against what the host saw."""
+    checks = []
+    m = _GUEST_GP.search(report["console"])
+    if m:
+        guest = int(m.group(1))
+        host = report["migration"]["verdicts"]["gp"]
+        checks.append({"name": "guest #GP count equals the host's gp verdicts",
+                       "guest": guest, "host": host, "ok": guest == host})
+    return checks
+
+
+def run_ok(report: dict) -> bool:
+    """Contract: success is a HLT or a debug exit with code 0, and every check ok."""
+    ex = report["exit"]
+    clean = ex["reason"] == "hlt" or (ex["reason"] == "debug_exit" and ex["code"] == 0)
+    return clean and all(c["ok"] for c in report["checks"])

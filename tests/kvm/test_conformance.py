@@ -1,0 +1,130 @@
+"""Migration control end to end on real KVM: the bundled conformance guest,
+CPUID bit 17, the filter on 0x4b564d08, the policy, the record, the journal."""
+import json
+import re
+
+import pytest
+
+from kvmfilter._kvm import lib
+from kvmfilter.journal import ReadinessJournal
+from kvmfilter.vmm import RunOptions, Vmm
+
+
+@pytest.fixture(autouse=True)
+def _needs_msr_exits(require_cap):
+    require_cap(lib.KVM_CAP_X86_USER_SPACE_MSR, "KVM_CAP_X86_USER_SPACE_MSR")
+    require_cap(lib.KVM_CAP_X86_MSR_FILTER, "KVM_CAP_X86_MSR_FILTER")
+
+
+def run_report(kvm, image=None, **options):
+    with Vmm(None, RunOptions(**options), image=image) as v:
+        v.run(kvm)
+        return v.report()
+
+
+def tap(console: str):
+    plan = re.search(r"^1\.\.(\d+)$", console, re.M)
+    results = re.findall(r"^(ok|not ok) (\d+) - (.*)$", console, re.M)
+    return int(plan.group(1)), results
+
+
+def test_bundled_guest_walks_the_protocol(kvm):
+    r = run_report(kvm)
+    assert r["image"] == "<bundled:conformance>"
+    assert (r["exit"]["reason"], r["exit"]["code"]) == ("debug_exit", 0), r["console"]
+    planned, results = tap(r["console"])
+    assert planned == len(results) == 9
+    assert all(status == "ok" for status, _, _ in results), r["console"]
+    m = r["migration"]
+    assert m["advertised"] and m["ready"] and m["value"] == 1
+    assert [(t["from"], t["to"]) for t in m["transitions"]] == [(0, 1), (1, 0), (0, 1)]
+    assert m["accesses"][0] == {"vcpu": 0, "op": "rdmsr", "data": 0, "verdict": "ok"}
+    gp = [a for a in m["accesses"] if a["verdict"] == "gp"]
+    assert [a["data"] for a in gp] == [2, 1 << 32 | 1]
+    assert r["checks"] == [{"name": "guest #GP count equals the host's gp verdicts",
+                            "guest": 2, "host": 2, "ok": True}]
+    assert r["exits"]["x86_wrmsr"] + r["exits"]["x86_rdmsr"] == m["accesses_total"] == 10
+    assert r["ok"]
+
+
+def test_without_migration_control_every_access_faults(kvm):
+    r = run_report(kvm, migration_control=False)
+    assert (r["exit"]["reason"], r["exit"]["code"]) == ("debug_exit", 0), r["console"]
+    m = r["migration"]
+    assert not m["advertised"] and not m["ready"]
+    assert m["accesses_total"] == 3 and all(a["verdict"] == "gp" for a in m["accesses"])
+    assert m["transitions"] == []
+    assert "bit 17" in m["blocked_reasons"][0]
+    assert r["checks"][0]["ok"] and r["checks"][0]["guest"] == 3
+
+
+def test_plain_memory_starts_at_one(kvm):
+    r = run_report(kvm, plain_memory=True)
+    assert r["ok"], r["console"]
+    m = r["migration"]
+    assert m["accesses"][0] == {"vcpu": 0, "op": "rdmsr", "data": 1, "verdict": "ok"}
+    assert "# initial value 1" in r["console"]
+    assert [(t["from"], t["to"]) for t in m["transitions"]] == [(1, 0), (0, 1)]
+    assert r["page_map"]["tracking"] is False
+
+
+# mov eax, 0x40000001; cpuid; shr eax, 16; out 0xe9, al; hlt  -> console byte = EAX[23:16]
+CPUID_PROBE = bytes.fromhex("66b801000040" "0fa2" "66c1e810" "e6e9" "f4")
+
+
+@pytest.mark.parametrize("migration_control", [True, False])
+@pytest.mark.parametrize("map_gpa_range", [True, False])
+def test_guest_sees_the_cpuid_bits_it_was_given(kvm, migration_control, map_gpa_range):
+    r = run_report(kvm, image=CPUID_PROBE, migration_control=migration_control,
+                   map_gpa_range=map_gpa_range)
+    bits = ord(r["console"])
+    assert bool(bits & 2) == migration_control  # bit 17: KVM_FEATURE_MIGRATION_CONTROL
+    hypercall_exit = kvm.check_extension(lib.KVM_CAP_EXIT_HYPERCALL) >> 12 & 1
+    # bit 16 only when the hypercall exit was enabled first
+    assert bool(bits & 1) == (map_gpa_range and bool(hypercall_exit))
+
+
+def test_four_vcpus_all_write_and_transitions_chain(kvm, tmp_path):
+    journal = str(tmp_path / "journal.db")
+    r = run_report(kvm, vcpus=4, journal=journal, name="four")
+    assert r["ok"], r["console"]
+    planned, results = tap(r["console"])
+    assert planned == len(results) == 10
+    m = r["migration"]
+    assert set(m["per_vcpu"]) == {"0", "1", "2", "3"}
+    for v in "123":
+        assert m["per_vcpu"][v] == {"rdmsr": 2, "wrmsr": 2}
+    assert {t["vcpu"] for t in m["transitions"]} == {0, 1, 2, 3}
+    prev = 0
+    for t in m["transitions"]:
+        assert t["from"] == prev and t["to"] != t["from"]
+        prev = t["to"]
+    assert m["ready"] and prev == 1
+    with ReadinessJournal(journal, create=False) as j:
+        rows = j.rows("four")
+    assert [(row.vcpu, row.old, row.new) for row in rows] == [
+        (t["vcpu"], t["from"], t["to"]) for t in m["transitions"]]
+
+
+def test_journal_keeps_transitions_only_under_a_flood(kvm, tmp_path):
+    # 100k WRMSR READY from the guest: one transition, bounded memory, one journal row.
+    # mov ecx, 0x4b564d08; mov eax, 1; xor edx, edx; mov bx, 2; (outer) mov cx? -- use edi
+    image = bytes.fromhex(
+        "66b9084d564b"   # mov ecx, 0x4b564d08
+        "66b801000000"   # mov eax, 1
+        "6631d2"         # xor edx, edx
+        "66bfa0860100"   # mov edi, 100000
+        "0f30"           # 1: wrmsr
+        "664f"           # dec edi
+        "75fa"           # jnz 1b
+        "b000e6f4f4")    # exit 0
+    journal = str(tmp_path / "flood.db")
+    r = run_report(kvm, image=image, journal=journal, timeout=60)
+    assert r["exit"]["reason"] == "debug_exit"
+    m = r["migration"]
+    assert m["accesses_total"] == 100_000
+    assert len(m["accesses"]) == 1024
+    assert len(m["transitions"]) == 1
+    with ReadinessJournal(journal, create=False) as j:
+        assert len(j.rows()) == 1
+    json.dumps(r)  # the report stays serialisable

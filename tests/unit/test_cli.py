@@ -1,0 +1,133 @@
+"""The CLI's error paths and exit statuses, in-process through main() (no guest runs)."""
+import json
+
+import pytest
+
+from kvmfilter import cli
+from kvmfilter.journal import ReadinessJournal
+from kvmfilter.migration import WRMSR, MigrationControl
+
+
+def invoke(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(args))
+    out, err = capsys.readouterr()
+    code = exc.value.code if exc.value.code is not None else 0
+    return code, out, err
+
+
+def test_help_lists_the_commands(capsys):
+    code, out, _ = invoke(capsys, "--help")
+    assert code == 0
+    for name in ("probe", "run", "journal"):
+        assert name in out
+    assert "Exit status" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("run", "/nonexistent/guest.bin"), "No such file"),
+    (("run", "--memory", "lots"), "is not a size"),
+    (("run", "--memory", "1000"), "multiple of 4 KiB"),
+    (("run", "--memory", "64K"), "outside"),
+    (("run", "--vcpus", "0"), "--vcpus"),
+    (("run", "--vcpus", "many"), "--vcpus"),
+    (("run", "--timeout", "0"), "--timeout"),
+    (("run", "--timeout", "-1"), "--timeout"),
+    (("run", "--bogus"), "No such option"),
+    (("frobnicate",), "No such command"),
+])
+def test_bad_input_exits_2_without_traceback(capsys, args, needle):
+    code, out, err = invoke(capsys, *args)
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_empty_image(capsys, tmp_path):
+    image = tmp_path / "empty.bin"
+    image.write_bytes(b"")
+    code, _, err = invoke(capsys, "run", str(image))
+    assert code == 2 and "empty" in err
+
+
+def test_oversized_image(capsys, tmp_path):
+    image = tmp_path / "big.bin"
+    image.write_bytes(bytes(0xA0000 - 0x7C00 + 1))
+    code, _, err = invoke(capsys, "run", str(image))
+    assert code == 2 and "must fit" in err
+
+
+def test_image_that_is_a_directory(capsys, tmp_path):
+    code, _, err = invoke(capsys, "run", str(tmp_path))
+    assert code == 2 and "Traceback" not in err
+
+
+def test_corrupt_journal_exits_2_before_kvm(capsys, tmp_path, monkeypatch):
+    # /dev/kvm is pointed at nothing: the journal must be refused first (exit 2, not 4).
+    monkeypatch.setenv("KVMFILTER_DEV_KVM", str(tmp_path / "no-kvm"))
+    bad = tmp_path / "j.db"
+    bad.write_bytes(b"garbage" * 200)
+    code, _, err = invoke(capsys, "run", "--journal", str(bad))
+    assert code == 2
+    assert str(bad) in err and "not an SQLite database" in err
+
+
+def test_missing_dev_kvm_exits_4_with_a_hint(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMFILTER_DEV_KVM", str(tmp_path / "no-kvm"))
+    code, _, err = invoke(capsys, "run")
+    assert code == 4
+    assert "KVM is not available" in err and "kvm module" in err
+    code, _, err = invoke(capsys, "probe")
+    assert code == 4
+
+
+def test_dev_kvm_that_is_not_kvm_exits_4(capsys, tmp_path, monkeypatch):
+    fake = tmp_path / "kvm"
+    fake.write_bytes(b"")
+    monkeypatch.setenv("KVMFILTER_DEV_KVM", str(fake))
+    code, _, err = invoke(capsys, "probe")
+    assert code == 4
+    assert "not a KVM device" in err and "Traceback" not in err
+
+
+def test_journal_command(capsys, tmp_path):
+    path = str(tmp_path / "j.db")
+    mc = MigrationControl()
+    with ReadinessJournal(path, "web-1") as j:
+        mc.add_listener(j.record)
+        mc.access(0, WRMSR, 1)
+        mc.access(1, WRMSR, 0)
+    code, out, _ = invoke(capsys, "journal", path, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert [(t["vm"], t["vcpu"], t["from"], t["to"]) for t in doc["transitions"]] == [
+        ("web-1", 0, 0, 1), ("web-1", 1, 1, 0)]
+    code, out, _ = invoke(capsys, "journal", path)
+    assert code == 0 and "web-1" in out and "0 -> 1" in out
+
+
+def test_journal_command_on_missing_or_corrupt_file(capsys, tmp_path):
+    code, _, err = invoke(capsys, "journal", str(tmp_path / "nope.db"))
+    assert code == 2 and "no such file" in err
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"x" * 5000)
+    code, _, err = invoke(capsys, "journal", str(bad))
+    assert code == 2 and "not an SQLite database" in err
+
+
+def test_exit_status_mapping():
+    from kvmfilter.kvm import KvmError
+    from kvmfilter.machine import ImageError, MissingCapabilityError
+    assert cli.exit_status_for(ImageError("x"))[0] == 2
+    assert cli.exit_status_for(MissingCapabilityError("x"))[0] == 4
+    assert cli.exit_status_for(KvmError(2, "open /dev/kvm"))[0] == 4
+    assert cli.exit_status_for(KvmError(22, "KVM_RUN"))[0] == 1
+    assert cli.exit_status_for(RuntimeError("boom"))[0] == 1
+
+
+def test_size_param():
+    p = cli.SizeParam()
+    assert p.convert("1M", None, None) == 1 << 20
+    assert p.convert("512KiB", None, None) == 512 << 10
+    assert p.convert("2g", None, None) == 2 << 30
+    assert p.convert("4096", None, None) == 4096
