@@ -149,6 +149,7 @@ class _VcpuThread:
         self.vcpu = vcpu
         self.exits: dict = {}
         self.halted = False
+        self.parked = threading.Event()
         self._alive = False
         self._alive_lock = threading.Lock()
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.id}", daemon=True)
@@ -184,13 +185,13 @@ class Machine:
     """
 
     def __init__(self, kvm: Kvm | None, image: bytes, *, memory_size: int = DEFAULT_MEMORY,
-                 vcpus: int = 1, timeout: float = DEFAULT_TIMEOUT,
+                 vcpus: int = 1, timeout: Optional[float] = DEFAULT_TIMEOUT,
                  pv_features: int = 0, before_first_run: Callable[[Vm], None] | None = None):
         validate_image(image)
         validate_memory(memory_size)
         if not 1 <= vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, not {vcpus}")
-        if not timeout > 0:
+        if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         self.kvm = kvm
         self.image = image
@@ -219,6 +220,9 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._running = 0
         self._all_stopped = threading.Event()
+        self._pause_requested = threading.Event()
+        self._resume = threading.Condition()
+        self._started = 0.0
         self._ran = False
 
     # -- configuration -------------------------------------------------------
@@ -312,6 +316,11 @@ class Machine:
 
     def run(self) -> RunResult:
         """Run every vCPU until the VM stops or the timeout expires."""
+        self.start()
+        return self.wait()
+
+    def start(self) -> None:
+        """Set the VM up and start its vCPU threads; returns at once."""
         if self._ran:
             raise RuntimeError("a Machine runs once")
         if self.kvm is None:
@@ -319,24 +328,70 @@ class Machine:
         self._ran = True
         self._setup()
         _kick_signal_number()
-        started = time.monotonic()
+        self._started = time.monotonic()
         self._running = len(self._threads)
         for t in self._threads:
             t.start()
-        if not self._all_stopped.wait(self.timeout):
-            self.stop(StopRecord("timeout", 1, f"the guest ran for more than {self.timeout:g} s"))
+
+    def wait(self) -> RunResult:
+        """Block until the VM stops (or the timeout stops it); the result."""
+        deadline = None if self.timeout is None else self._started + self.timeout
+        while not self._all_stopped.wait(0.5 if deadline is None
+                                         else max(0.0, deadline - time.monotonic())):
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stop(StopRecord("timeout", 1,
+                                     f"the guest ran for more than {self.timeout:g} s"))
+                break
         self._kick_all_until_stopped()
-        elapsed = time.monotonic() - started
+        return self.result()
+
+    def result(self) -> RunResult:
         exits_total: dict[str, int] = {}
         for t in self._threads:
-            for name, n in t.exits.items():
+            for name, n in list(t.exits.items()):
                 exits_total[name] = exits_total.get(name, 0) + n
         stop = self._stop or StopRecord("hlt", 0)
         with self._console_lock:
             console = self._console.decode("utf-8", "replace")
         return RunResult(stop, console, self._console_dropped, exits_total,
                          dict(sorted(self._unhandled_ports.items())),
-                         [dict(t.exits) for t in self._threads], elapsed)
+                         [dict(t.exits) for t in self._threads],
+                         time.monotonic() - self._started)
+
+    @property
+    def stopped(self) -> Optional[StopRecord]:
+        """Why the VM stopped, or None while it runs (or is paused)."""
+        if not self._all_stopped.is_set():
+            return None
+        return self._stop or StopRecord("hlt", 0)
+
+    @property
+    def paused(self) -> bool:
+        return self._pause_requested.is_set()
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Park every vCPU outside the guest; True once all are parked.
+
+        A parked vCPU has re-entered KVM_RUN once with immediate_exit=1, which
+        completes any MSR or port access it was servicing without running
+        another guest instruction: nothing is left half-done.
+        """
+        self._pause_requested.set()
+        for t in self._threads:
+            t.kick()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            while t.thread.is_alive() and not t.parked.is_set():
+                if time.monotonic() > deadline:
+                    return False
+                t.kick()
+                t.parked.wait(0.01)
+        return True
+
+    def resume(self) -> None:
+        self._pause_requested.clear()
+        with self._resume:
+            self._resume.notify_all()
 
     def stop(self, record: StopRecord) -> None:
         """Stop the VM; the first reason given wins.  Safe from any thread."""
@@ -346,6 +401,8 @@ class Machine:
                 log.info("vm_stopping", extra={"reason": record.reason, "code": record.code,
                                                "detail": record.detail})
         self._all_stopped.set()
+        with self._resume:
+            self._resume.notify_all()
         for t in self._threads:
             if t.thread is not threading.current_thread():
                 t.kick()
@@ -368,6 +425,9 @@ class Machine:
         counts = vt.exits
         dispatch = self.dispatch
         while self._stop is None:
+            if self._pause_requested.is_set():
+                self._park(vt)
+                continue
             vcpu.run()
             reason = run.exit_reason
             name = _EXIT_NAMES.get(reason) or exits.exit_name(reason)
@@ -376,6 +436,20 @@ class Machine:
             if outcome is not CONTINUE:
                 vt.halted = outcome is HALTED
                 return
+
+    def _park(self, vt: _VcpuThread) -> None:
+        run = vt.vcpu.run_page
+        # KVM ABI: kvm-abi.md section 2: an access completes only inside the
+        # next KVM_RUN; with immediate_exit=1 that KVM_RUN completes it and
+        # returns EINTR before any guest instruction runs.
+        run.immediate_exit = 1
+        vt.vcpu.run()
+        vt.parked.set()
+        with self._resume:
+            while self._pause_requested.is_set() and self._stop is None:
+                self._resume.wait(0.1)
+        vt.parked.clear()
+        run.immediate_exit = 0
 
     def dispatch(self, vcpu_id: int, run) -> str:
         """Service the exit in ``run`` (any run page, also a hand-filled one).

@@ -164,18 +164,29 @@ class Vmm:
         return self.result
 
     def blocked_reasons(self) -> list[str]:
+        """The migration gate: empty exactly when the guest may be migrated now.
+
+        Migration control advertised, READY announced, and - for a VM with
+        encrypted memory - the page encryption status being reported, since a
+        migration stream must know which pages the guest made shared.
+        """
         reasons = self.control.blocked_reasons()
-        if self.page_map.tracking and self.control.advertised:
-            status = self.machine.hypercall_exits.get(lib.KVM_HC_MAP_GPA_RANGE)
-            if not self.options.map_gpa_range:
-                reasons.append("Page encryption status is not reported (started with "
-                               "--no-map-gpa-range), so the shared pages of this "
-                               "encrypted guest are unknown; restart without it.")
-            elif status is not None and status != "enabled":
-                reasons.append("Page encryption status cannot be reported on this host "
-                               f"({status}), so the shared pages of this encrypted guest "
-                               "are unknown; run it on a host whose KVM offers the "
-                               "KVM_HC_MAP_GPA_RANGE exit.")
+        if not (self.page_map.tracking and self.control.advertised):
+            return reasons
+        status = self.machine.hypercall_exits.get(lib.KVM_HC_MAP_GPA_RANGE)
+        if not self.options.map_gpa_range:
+            reasons.append("Page encryption status is not reported (started with "
+                           "--no-map-gpa-range), so the shared pages of this encrypted "
+                           "guest are unknown; restart it without that option.")
+        elif status is not None and status != "enabled":
+            reasons.append("Page encryption status cannot be reported on this host "
+                           f"({status}); run the guest on a host whose KVM offers the "
+                           "KVM_HC_MAP_GPA_RANGE exit.")
+        elif self.page_map.updates == 0:
+            reasons.append("The guest has not reported its page encryption status (no "
+                           "KVM_HC_MAP_GPA_RANGE received), so its shared pages are "
+                           "unknown; wait for it, or check `kvmfilter probe` "
+                           "(exit_hypercall) on this host.")
         return reasons
 
     def report(self) -> dict:

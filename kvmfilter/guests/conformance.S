@@ -14,6 +14,10 @@
  *   and in the high dword (each must #GP); value unchanged; WRMSR 0 (revoke)
  *   and readback; WRMSR READY again and readback.
  * When bit 17 is clear it checks that RDMSR and WRMSR both #GP.
+ * When bit 16 (KVM_FEATURE_HC_MAP_GPA_RANGE) is set it declares the page at
+ * 0x10000 shared with one KVM_HC_MAP_GPA_RANGE, issued with VMMCALL (never
+ * VMCALL: it can hang KVM_RUN on kvm_pvm hosts); a #UD there (how our hosts
+ * answer VMMCALL in real mode) is reported as a TAP SKIP, not a failure.
  * Other vCPUs wait their turn (one at a time, so readbacks are not raced),
  * then revoke and re-announce (or check the #GPs), and halt; vCPU 0 waits for
  * them all and reports one more check.
@@ -22,6 +26,8 @@
  *
  * Faults: #GP (vector 13) is taken by gp_handler through the IVT; it skips the
  * 2-byte RDMSR (0F 32) / WRMSR (0F 30) that faulted and sets `faulted`.
+ * #UD (vector 6) is taken by ud_handler; it skips the 3-byte VMMCALL (0F 01 D9)
+ * and sets `faulted`.
  *
  * Build: make guests.  Disassemble:
  *   objdump -D -b binary -m i8086 --adjust-vma=0x7c00 conformance.bin
@@ -80,6 +86,8 @@ _start:
 
     movw    $gp_handler, 13*4   /* IVT[13] = 0000:gp_handler */
     movw    $0, 13*4+2
+    movw    $ud_handler, 6*4    /* IVT[6] = 0000:ud_handler */
+    movw    $0, 6*4+2
     call    detect
     cmpb    $0, advertised
     je      no_feature
@@ -138,6 +146,7 @@ _start:
     EXPECT_NOFAULT
     EXPECT_VALUE 1
     REPORT    t_ready_again
+    call    map_gpa_range
     jmp     other_vcpus
 
 /* ---- bit 17 clear: the MSR must not exist -------------------------------- */
@@ -156,6 +165,7 @@ no_feature:
     WRITE   0, 0
     EXPECT_FAULT
     REPORT    t_nf_write_zero
+    call    map_gpa_range
 
 /* ---- let the other vCPUs take their turns, then report ------------------- */
 other_vcpus:
@@ -230,6 +240,8 @@ detect:
     cpuid
     bt      $17, %eax
     setc    advertised
+    bt      $16, %eax
+    setc    map_gpa
     mov     $1, %eax
     cpuid
     shr     $16, %ebx
@@ -255,6 +267,37 @@ wr:
     wrmsr
     ret
 
+/* When CPUID bit 16 is set: KVM_HC_MAP_GPA_RANGE(gpa 0x10000, 1 page, attrs 0 =
+ * decrypted, 4K hint) with VMMCALL; it must return RAX = 0.  #UD -> TAP SKIP. */
+map_gpa_range:
+    cmpb    $0, map_gpa
+    je      2f
+    movb    $0, faulted
+    mov     $12, %eax
+    mov     $0x10000, %ebx
+    mov     $1, %ecx
+    xor     %edx, %edx
+    vmmcall
+    cmpb    $0, faulted
+    jne     1f
+    test    %eax, %eax
+    jz      3f
+    movb    $0, pass
+3:  mov     $t_map_gpa, %si
+    jmp     tap
+1:  mov     $t_map_gpa_ud, %si
+    jmp     tap
+2:  ret
+
+/* #UD: skip the 3-byte VMMCALL that faulted. */
+ud_handler:
+    push    %bp
+    mov     %sp, %bp
+    addw    $3, 2(%bp)
+    movb    $1, faulted
+    pop     %bp
+    iret
+
 /* #GP: skip the 2-byte RDMSR/WRMSR that faulted (the pushed IP points at it). */
 gp_handler:
     push    %bp
@@ -265,12 +308,15 @@ gp_handler:
     pop     %bp
     iret
 
-/* "1..N\n", N = AX (+1 when there are other vCPUs). */
+/* "1..N\n", N = AX (+1 with KVM_HC_MAP_GPA_RANGE, +1 when there are other vCPUs). */
 plan:
-    cmpw    $1, ncpus
-    jbe     1f
+    cmpb    $0, map_gpa
+    je      1f
     inc     %ax
-1:  push    %ax
+1:  cmpw    $1, ncpus
+    jbe     2f
+    inc     %ax
+2:  push    %ax
     mov     $d_plan, %si
     call    puts
     pop     %ax
@@ -342,6 +388,7 @@ failures:    .byte 0
 pass:        .byte 1
 faulted:     .byte 0
 advertised:  .byte 0
+map_gpa:     .byte 0
 sig_ok:      .byte 0
 
 d_plan:           .asciz "1.."
@@ -363,4 +410,6 @@ t_ready_again:    .asciz "WRMSR KVM_MIGRATION_READY again reads back 1"
 t_nf_read:        .asciz "without CPUID bit 17, RDMSR 0x4b564d08 raises #GP"
 t_nf_write_ready: .asciz "without CPUID bit 17, WRMSR READY raises #GP"
 t_nf_write_zero:  .asciz "without CPUID bit 17, WRMSR 0 raises #GP"
+t_map_gpa:        .asciz "KVM_HC_MAP_GPA_RANGE (VMMCALL) declared 0x10000 shared and returned 0"
+t_map_gpa_ud:     .asciz "KVM_HC_MAP_GPA_RANGE (VMMCALL) # SKIP the host raised #UD: the hypercall never reached the VMM"
 t_other_vcpus:    .asciz "every other vCPU revoked and re-announced (or faulted) as expected"

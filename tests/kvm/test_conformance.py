@@ -22,6 +22,11 @@ def run_report(kvm, image=None, **options):
         return v.report()
 
 
+def map_gpa_offered(kvm) -> bool:
+    """CPUID bit 16 is advertised exactly when KVM offers the MAP_GPA_RANGE exit."""
+    return bool(kvm.check_extension(lib.KVM_CAP_EXIT_HYPERCALL) >> lib.KVM_HC_MAP_GPA_RANGE & 1)
+
+
 def tap(console: str):
     plan = re.search(r"^1\.\.(\d+)$", console, re.M)
     results = re.findall(r"^(ok|not ok) (\d+) - (.*)$", console, re.M)
@@ -33,7 +38,7 @@ def test_bundled_guest_walks_the_protocol(kvm):
     assert r["image"] == "<bundled:conformance>"
     assert (r["exit"]["reason"], r["exit"]["code"]) == ("debug_exit", 0), r["console"]
     planned, results = tap(r["console"])
-    assert planned == len(results) == 9
+    assert planned == len(results) == 9 + map_gpa_offered(kvm)
     assert all(status == "ok" for status, _, _ in results), r["console"]
     m = r["migration"]
     assert m["advertised"] and m["ready"] and m["value"] == 1
@@ -89,7 +94,7 @@ def test_four_vcpus_all_write_and_transitions_chain(kvm, tmp_path):
     r = run_report(kvm, vcpus=4, journal=journal, name="four")
     assert r["ok"], r["console"]
     planned, results = tap(r["console"])
-    assert planned == len(results) == 10
+    assert planned == len(results) == 10 + map_gpa_offered(kvm)
     m = r["migration"]
     assert set(m["per_vcpu"]) == {"0", "1", "2", "3"}
     for v in "123":
@@ -128,3 +133,40 @@ def test_journal_keeps_transitions_only_under_a_flood(kvm, tmp_path):
     with ReadinessJournal(journal, create=False) as j:
         assert len(j.rows()) == 1
     json.dumps(r)  # the report stays serialisable
+
+
+def test_map_gpa_range_end_to_end_or_the_hosts_truthful_fallback(kvm):
+    """Where the hypercall exit works, the guest's MAP_GPA_RANGE lands in the page
+    map.  Where it does not (our kvm_pvm hosts: #UD), the guest reports a TAP SKIP,
+    the host saw no hypercall exit, and the gate says why migration is blocked."""
+    from kvmfilter.probe import probe
+    r = run_report(kvm)
+    assert r["ok"], r["console"]
+    working = probe(kvm)["features"]["exit_hypercall"]
+    line = [l for l in r["console"].splitlines() if "KVM_HC_MAP_GPA_RANGE" in l]
+    if not map_gpa_offered(kvm):
+        assert line == [] and r["page_map"]["hypercall_exit"] != "enabled"
+    elif working["working"]:
+        assert "# SKIP" not in line[0]
+        assert r["page_map"]["shared"] == [[0x10000, 0x11000]]
+        assert r["exits"]["hypercall"] == 1
+        assert r["migration"]["blocked_reasons"] == []
+    else:
+        assert "# SKIP the host raised #UD" in line[0], working["detail"]
+        assert "hypercall" not in r["exits"]
+        assert r["page_map"] == {**r["page_map"], "tracking": True, "shared": [],
+                                 "shared_bytes": 0, "hypercall_exit": "enabled"}
+        assert r["migration"]["ready"]
+        assert len(r["migration"]["blocked_reasons"]) == 1
+        assert "page encryption status" in r["migration"]["blocked_reasons"][0]
+
+
+def test_plain_memory_vm_is_not_blocked_once_ready(kvm):
+    r = run_report(kvm, plain_memory=True)
+    assert r["migration"]["ready"] and r["migration"]["blocked_reasons"] == []
+
+
+def test_no_map_gpa_range_blocks_an_encrypted_guest(kvm):
+    r = run_report(kvm, map_gpa_range=False)
+    assert r["ok"]
+    assert any("--no-map-gpa-range" in b for b in r["migration"]["blocked_reasons"])
