@@ -167,3 +167,17 @@ int kvmf_open(const char *path);                                 /* fd or -errno
 int kvmf_close(int fd);
 int kvmf_run(int vcpu_fd);                                       /* KVM_RUN: 0 or -errno */
 int kvmf_install_kick_handler(void);                             /* the signal number */
+
+/* ---- the MSR fast path (see kvm_source.c) ---- */
+struct kvmf_msr_fast {
+    uint32_t index; uint32_t enabled; uint64_t value;
+    uint32_t read_gp; uint32_t write_all_gp; uint64_t write_gp_mask;
+};
+struct kvmf_fast_counts { uint64_t read_ok; uint64_t read_gp; uint64_t write_ok; uint64_t write_gp; };
+int kvmf_fast_decide(struct kvmf_msr_fast *f, int is_write, uint64_t data, uint64_t *out);
+int kvmf_run_fast(int vcpu_fd, struct kvm_run *run, struct kvmf_msr_fast *f,
+                  struct kvmf_fast_counts *counts, uint32_t budget);
+
+/* ---- benchmark baseline ---- */
+long kvmf_bench_c_loop(int vcpu_fd, struct kvm_run *run, uint32_t index);
+double kvmf_monotonic(void);

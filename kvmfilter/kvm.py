@@ -303,6 +303,22 @@ class Vcpu(_Fd):
     def set_sregs(self, sregs) -> None:
         _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_SREGS, sregs), "KVM_SET_SREGS")
 
+    def run_fast(self, fast, counts, budget: int) -> bool:
+        """KVM_RUN in C with the MSR fast path (cstubs/kvm_source.c).
+
+        Returns True when an exit awaits Python in the run page, False when
+        ``budget`` fast exits were serviced in C.  EINTR as in ``run()``.
+        """
+        while True:
+            r = lib.kvmf_run_fast(self.fd, self.run_page, fast, counts, budget)
+            if r >= 0:
+                return r == 0
+            if r == -_errno.EINTR:
+                self.run_page.exit_reason = lib.KVM_EXIT_INTR
+                return True
+            if r != -_errno.EAGAIN:
+                raise KvmError(-r, "KVM_RUN")
+
     def run(self) -> None:
         """KVM_RUN.  The GIL is released for the duration of the ioctl.
 

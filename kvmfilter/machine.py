@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 from . import exits
-from ._kvm import lib
+from ._kvm import ffi, lib
 from .cpuid import CpuidEntry, with_pv_features
 from .exits import (HltExit, HypercallExit, HypercallReply, InterruptedExit, IoExit,
                     MsrExit, MsrReply, ShutdownExit, apply, decode)
@@ -61,12 +61,51 @@ class MissingCapabilityError(RuntimeError):
 
 
 class MsrHandler(Protocol):
-    """Serves one MSR.  ``reads``/``writes`` say which accesses it takes."""
+    """Serves one MSR.  ``reads``/``writes`` say which accesses it takes.
+
+    A handler may also take a fast path: ``attach_fast_path(fast)`` receives an
+    ``MsrFastPath`` to publish its no-change verdicts to, and
+    ``record_fast(vcpu, read_ok, read_gp, write_ok, write_gp)`` is told what
+    the C loop serviced with them.
+    """
 
     reads: bool
     writes: bool
 
     def __call__(self, vcpu: int, op: str, data: int) -> MsrReply: ...
+
+
+class MsrFastPath:
+    """Rules for one MSR that the C run loop applies without calling Python.
+
+    See ``kvmf_run_fast`` in cstubs/kvm_source.c: reads, writes of the current
+    value and writes rejected whatever the value are serviced in C; anything
+    else (above all every write that changes the value) comes to the handler.
+    """
+
+    BUDGET = 4096  # fast exits between returns to Python (to drain the counts)
+
+    def __init__(self, index: int):
+        self.struct = ffi.new("struct kvmf_msr_fast *")
+        self.struct.index = index
+
+    def publish(self, value: int, read_gp: bool, write_all_gp: bool,
+                write_gp_mask: int) -> None:
+        """Install the rules and enable them (call with the handler's lock held)."""
+        s = self.struct
+        s.enabled = 0
+        s.value = value
+        s.read_gp = read_gp
+        s.write_all_gp = write_all_gp
+        s.write_gp_mask = write_gp_mask
+        s.enabled = 1
+
+    def set_value(self, value: int) -> None:
+        self.struct.value = value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.struct.enabled)
 
 
 PortHandler = Callable[[int, IoExit], Optional[bytes]]
@@ -186,7 +225,8 @@ class Machine:
 
     def __init__(self, kvm: Kvm | None, image: bytes, *, memory_size: int = DEFAULT_MEMORY,
                  vcpus: int = 1, timeout: Optional[float] = DEFAULT_TIMEOUT,
-                 pv_features: int = 0, before_first_run: Callable[[Vm], None] | None = None):
+                 pv_features: int = 0, before_first_run: Callable[[Vm], None] | None = None,
+                 fast_path: bool = True, console_limit: int = CONSOLE_LIMIT):
         validate_image(image)
         validate_memory(memory_size)
         if not 1 <= vcpus <= MAX_VCPUS:
@@ -201,6 +241,9 @@ class Machine:
         self.pv_features = pv_features
         self._before_first_run = before_first_run
         self.msr_handlers: dict[int, MsrHandler] = {}
+        self.fast_path = fast_path
+        self.console_limit = console_limit
+        self._fast: tuple[MsrFastPath, MsrHandler] | None = None
         self.port_handlers: dict[int, PortHandler] = {
             CONSOLE_PORT: self._console_out,
             DEBUG_EXIT_PORT: self._debug_exit,
@@ -231,6 +274,11 @@ class Machine:
         if self._ran:
             raise RuntimeError("handlers must be registered before run()")
         self.msr_handlers[index] = handler
+        # One MSR can have a C fast path (the loop takes one rule set).
+        if self.fast_path and self._fast is None and hasattr(handler, "attach_fast_path"):
+            fast = MsrFastPath(index)
+            handler.attach_fast_path(fast)
+            self._fast = (fast, handler)
 
     def add_port_handler(self, port: int, handler: PortHandler) -> None:
         if self._ran:
@@ -424,11 +472,27 @@ class Machine:
         run = vcpu.run_page
         counts = vt.exits
         dispatch = self.dispatch
+        if self._fast is not None:
+            fast, handler = self._fast
+            fast_struct = fast.struct
+            fast_counts = ffi.new("struct kvmf_fast_counts *")
         while self._stop is None:
             if self._pause_requested.is_set():
                 self._park(vt)
                 continue
-            vcpu.run()
+            if self._fast is None:
+                vcpu.run()
+            else:
+                pending = vcpu.run_fast(fast_struct, fast_counts, MsrFastPath.BUDGET)
+                c = fast_counts
+                if c.read_ok or c.read_gp or c.write_ok or c.write_gp:
+                    reads, writes = c.read_ok + c.read_gp, c.write_ok + c.write_gp
+                    handler.record_fast(vcpu.id, c.read_ok, c.read_gp, c.write_ok, c.write_gp)
+                    counts["x86_rdmsr"] = counts.get("x86_rdmsr", 0) + reads
+                    counts["x86_wrmsr"] = counts.get("x86_wrmsr", 0) + writes
+                    c.read_ok = c.read_gp = c.write_ok = c.write_gp = 0
+                if not pending:
+                    continue
             reason = run.exit_reason
             name = _EXIT_NAMES.get(reason) or exits.exit_name(reason)
             counts[name] = counts.get(name, 0) + 1
@@ -526,7 +590,7 @@ class Machine:
         if not ex.is_out:
             return b"\xff"
         with self._console_lock:
-            room = CONSOLE_LIMIT - len(self._console)
+            room = self.console_limit - len(self._console)
             self._console += ex.data[:max(room, 0)]
             self._console_dropped += max(len(ex.data) - max(room, 0), 0)
         return None

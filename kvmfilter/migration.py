@@ -152,6 +152,36 @@ class MigrationControl:
         for listener in self._listeners:
             listener(t)
 
+    # -- the fast path ----------------------------------------------------------
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while deciding and while notifying listeners."""
+        return self._lock
+
+    def fast_rules(self) -> dict:
+        """The verdicts that change nothing, as rules a VMM may apply without
+        calling ``access()`` (kvmfilter's C run loop does).  Call with ``lock``
+        held; keep ``value`` current with a listener.  Writes that would change
+        the value are never covered: those must come to ``access()``.
+        """
+        return {"value": self._value,
+                "read_gp": not self.advertised,
+                "write_all_gp": not self.advertised,
+                "write_gp_mask": ~KVM_MIGRATION_READY & 0xFFFF_FFFF_FFFF_FFFF}
+
+    def record_bulk(self, vcpu: int, op: str, verdict: str, count: int) -> None:
+        """Count ``count`` accesses a VMM serviced itself with ``fast_rules()``."""
+        if count <= 0:
+            return
+        with self._lock:
+            self.accesses_total += count
+            self.verdicts[verdict] += count
+            counts = self.per_vcpu.get(vcpu)
+            if counts is None:
+                counts = self.per_vcpu[vcpu] = {RDMSR: 0, WRMSR: 0}
+            counts[op] += count
+
     # -- observers ------------------------------------------------------------
 
     def add_listener(self, listener: Listener) -> None:

@@ -19,7 +19,8 @@ from .journal import ReadinessJournal
 from .kvm import Kvm
 from .machine import (DEFAULT_MEMORY, DEFAULT_TIMEOUT, MAX_IMAGE_SIZE, ImageError, Machine,
                       RunResult, validate_image)
-from .migration import MSR_KVM_MIGRATION_CONTROL, MigrationControl
+from .migration import (ACCESS_LOG_LIMIT, GP, MSR_KVM_MIGRATION_CONTROL, OK, RDMSR, WRMSR,
+                        MigrationControl)
 from .pagemap import PageMap
 
 log = logging.getLogger("kvmfilter.vmm")
@@ -45,6 +46,7 @@ class RunOptions:
     plain_memory: bool = False
     journal: Optional[str] = None
     name: str = "vm"
+    fast_path: bool = True  # the C MSR fast path; off only to measure it
 
 
 def load_image(path: Optional[str]) -> tuple[bytes, str]:
@@ -76,20 +78,45 @@ def bundled_guest(name: str) -> bytes:
 
 
 class MigrationControlMsr:
-    """MsrHandler for MSR_KVM_MIGRATION_CONTROL: delegates to the policy."""
+    """MsrHandler for MSR_KVM_MIGRATION_CONTROL: delegates to the policy.
+
+    Once the report's access log is full, the policy's no-change verdicts are
+    published to the machine's C fast path; every write that would change
+    the value still comes here, so the policy decides each transition and the
+    journal commits it before the vCPU re-enters.
+    """
 
     reads = True
     writes = True
 
     def __init__(self, control: MigrationControl):
         self.control = control
+        self.fast = None
         self._ok = {0: MsrReply(False, 0), 1: MsrReply(False, 1)}
 
     def __call__(self, vcpu: int, op: str, data: int) -> MsrReply:
-        verdict = self.control.access(vcpu, op, data)
+        control = self.control
+        verdict = control.access(vcpu, op, data)
+        if self.fast is not None and not self.fast.enabled \
+                and control.accesses_total >= ACCESS_LOG_LIMIT:
+            with control.lock:
+                self.fast.publish(**control.fast_rules())
         if verdict.gp:
             return MSR_GP
         return self._ok.get(verdict.value) or MsrReply(False, verdict.value)
+
+    def attach_fast_path(self, fast) -> None:
+        self.fast = fast
+        # Runs under the policy's lock, before the transition's vCPU re-enters.
+        self.control.add_listener(lambda t: fast.set_value(t.new))
+
+    def record_fast(self, vcpu: int, read_ok: int, read_gp: int, write_ok: int,
+                    write_gp: int) -> None:
+        record = self.control.record_bulk
+        record(vcpu, RDMSR, OK, read_ok)
+        record(vcpu, RDMSR, GP, read_gp)
+        record(vcpu, WRMSR, OK, write_ok)
+        record(vcpu, WRMSR, GP, write_gp)
 
 
 class MapGpaRange:
@@ -142,7 +169,7 @@ class Vmm:
         self.page_map = PageMap(tracking=not options.plain_memory)
         self.machine = Machine(
             kvm, image, memory_size=options.memory, vcpus=options.vcpus,
-            timeout=options.timeout,
+            timeout=options.timeout, fast_path=options.fast_path,
             pv_features=(1 << lib.KVM_FEATURE_MIGRATION_CONTROL)
             if options.migration_control else 0)
         # The MSR is trapped even when not advertised: the guest then gets #GP

@@ -170,3 +170,40 @@ def test_no_map_gpa_range_blocks_an_encrypted_guest(kvm):
     r = run_report(kvm, map_gpa_range=False)
     assert r["ok"]
     assert any("--no-map-gpa-range" in b for b in r["migration"]["blocked_reasons"])
+
+
+# Each vCPU: 30,000 x (WRMSR READY, RDMSR), then one WRMSR 0 and WRMSR 1, then HLT.
+FLOOD_PER_VCPU = bytes.fromhex(
+    "66b9084d564b"   # mov ecx, 0x4b564d08
+    "6631d2"         # xor edx, edx
+    "66bf30750000"   # mov edi, 30000
+    "66b801000000"   # 1: mov eax, 1
+    "0f30"           # wrmsr
+    "0f32"           # rdmsr
+    "664f"           # dec edi
+    "75f2"           # jnz 1b
+    "6631c0" "0f30"  # xor eax, eax; wrmsr   (revoke)
+    "66b801000000" "0f30"  # mov eax, 1; wrmsr (announce)
+    "f4")            # hlt
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_record_is_exact_with_and_without_the_fast_path(kvm, tmp_path, fast_path):
+    journal = str(tmp_path / "j.db")
+    r = run_report(kvm, image=FLOOD_PER_VCPU, vcpus=4, journal=journal, timeout=120,
+                   fast_path=fast_path)
+    assert r["exit"]["reason"] == "hlt", r["exit"]
+    m = r["migration"]
+    per = 30_000
+    assert m["accesses_total"] == 4 * (2 * per + 2)
+    for v in "0123":
+        assert m["per_vcpu"][v] == {"wrmsr": per + 2, "rdmsr": per}
+    assert m["verdicts"] == {"ok": 4 * (2 * per + 2), "gp": 0}
+    assert r["exits"]["x86_wrmsr"] == 4 * (per + 2) and r["exits"]["x86_rdmsr"] == 4 * per
+    prev = 0
+    for t in m["transitions"]:
+        assert t["from"] == prev and t["to"] != prev
+        prev = t["to"]
+    assert prev == 1 and m["ready"]
+    with ReadinessJournal(journal, create=False) as j:
+        assert len(j.rows()) == len(m["transitions"])
