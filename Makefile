@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml setup.py kvmfilter/_build.py cstubs/kvm_cdef.h cstubs/k
 	@./.ci/sysdeps
 	@test -e $(PY) || $(PYTHON) -m venv $(VENV) \
 	  || { echo "kvmfilter: '$(PYTHON) -m venv' failed: install python3-venv" >&2; exit 2; }
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	@# Bytecode now: start-up time matters, and PYTHONDONTWRITEBYTECODE=1 hosts never write it.
+	$(PY) -m compileall -q kvmfilter >/dev/null
 	@touch $@
 
 venv: $(STAMP)

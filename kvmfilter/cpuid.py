@@ -6,23 +6,18 @@ feature bits it implements itself (16: HC_MAP_GPA_RANGE, 17: MIGRATION_CONTROL).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Iterable
+from collections import namedtuple
+from typing import TYPE_CHECKING
 
 from ._kvm import lib
 
 KVM_SIGNATURE = (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM\0\0\0" in ebx, ecx, edx
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
+if TYPE_CHECKING:
+    from typing import Iterable
+
+CpuidEntry = namedtuple("CpuidEntry", "function index flags eax ebx ecx edx")
 
 
 class CpuidError(ValueError):
@@ -43,7 +38,7 @@ def with_pv_features(entries: Iterable[CpuidEntry], set_bits: int,
         raise CpuidError("KVM_GET_SUPPORTED_CPUID has no KVM signature leaf 0x40000000")
     if lib.KVM_CPUID_FEATURES not in functions:
         raise CpuidError("KVM_GET_SUPPORTED_CPUID has no KVM features leaf 0x40000001")
-    return [replace(e, eax=(e.eax | set_bits) & ~clear_bits & 0xFFFF_FFFF)
+    return [e._replace(eax=(e.eax | set_bits) & ~clear_bits & 0xFFFF_FFFF)
             if e.function == lib.KVM_CPUID_FEATURES else e
             for e in entries]
 

@@ -6,8 +6,7 @@ that writes results back into ``kvm_run`` before the next KVM_RUN.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+from collections import namedtuple
 
 from ._kvm import ffi, lib
 
@@ -53,85 +52,73 @@ class RunPageBuffer:
 
 
 # ---- exit records ---------------------------------------------------------
+# Named tuples, not dataclasses: the same equality and repr, and importing this
+# module stays cheap (start-up time is part of every `kvmfilter run`).
 
-@dataclass(frozen=True, slots=True)
-class IoExit:
-    direction: int  # KVM_EXIT_IO_IN / KVM_EXIT_IO_OUT
-    size: int
-    port: int
-    count: int
-    data: bytes  # OUT: what the guest wrote; IN: b""
+class IoExit(namedtuple("IoExit", "direction size port count data")):
+    """KVM_EXIT_IO.  ``data``: what the guest wrote (OUT), b"" for IN."""
+    __slots__ = ()
 
     @property
     def is_out(self) -> bool:
         return self.direction == lib.KVM_EXIT_IO_OUT
 
 
-@dataclass(frozen=True, slots=True)
-class MsrExit:
-    op: str  # RDMSR or WRMSR
-    index: int
-    data: int  # WRMSR: EDX:EAX; RDMSR: 0
-    reason: int  # KVM_MSR_EXIT_REASON_*
+class MsrExit(namedtuple("MsrExit", "op index data reason")):
+    """KVM_EXIT_X86_RDMSR/WRMSR.  ``data``: EDX:EAX for WRMSR, 0 for RDMSR."""
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class HypercallExit:
-    nr: int
-    args: tuple
-    flags: int
+class HypercallExit(namedtuple("HypercallExit", "nr args flags")):
+    __slots__ = ()
 
     @property
     def long_mode(self) -> bool:
         return bool(self.flags & lib.KVM_EXIT_HYPERCALL_LONG_MODE)
 
 
-@dataclass(frozen=True, slots=True)
-class HltExit:
-    pass
+class FailEntryExit(namedtuple("FailEntryExit", "hardware_entry_failure_reason cpu")):
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class ShutdownExit:
-    """Triple fault (or another reason the CPU shut down)."""
+class InternalErrorExit(namedtuple("InternalErrorExit", "suberror data")):
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class InterruptedExit:
-    """KVM_RUN returned EINTR: a kick signal or immediate_exit."""
-
-
-@dataclass(frozen=True, slots=True)
-class FailEntryExit:
-    hardware_entry_failure_reason: int
-    cpu: int
-
-
-@dataclass(frozen=True, slots=True)
-class InternalErrorExit:
-    suberror: int
-    data: tuple
-
-
-@dataclass(frozen=True, slots=True)
-class UnsupportedExit:
+class UnsupportedExit(namedtuple("UnsupportedExit", "reason")):
     """An exit reason kvmfilter does not service."""
-    reason: int
+    __slots__ = ()
 
     @property
     def name(self) -> str:
         return exit_name(self.reason)
 
 
-Exit = Union[IoExit, MsrExit, HypercallExit, HltExit, ShutdownExit, InterruptedExit,
-             FailEntryExit, InternalErrorExit, UnsupportedExit]
+class _Singleton:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + "()"
+
+
+class HltExit(_Singleton):
+    """KVM_EXIT_HLT."""
+
+
+class ShutdownExit(_Singleton):
+    """Triple fault (or another reason the CPU shut down)."""
+
+
+class InterruptedExit(_Singleton):
+    """KVM_RUN returned EINTR: a kick signal or immediate_exit."""
+
 
 HLT = HltExit()
 SHUTDOWN = ShutdownExit()
 INTERRUPTED = InterruptedExit()
 
 
-def decode(run) -> Exit:
+def decode(run):
     """Decode ``run`` (a ``struct kvm_run *``) into an exit record."""
     reason = run.exit_reason
     if reason == lib.KVM_EXIT_X86_WRMSR:
@@ -169,30 +156,25 @@ def decode(run) -> Exit:
 
 # ---- replies --------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class MsrReply:
+class MsrReply(namedtuple("MsrReply", "error data", defaults=(0,))):
     """error=True: KVM injects #GP(0) on the next KVM_RUN.  ``data``: RDMSR result."""
-    error: bool
-    data: int = 0
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class IoInReply:
-    data: bytes
+class IoInReply(namedtuple("IoInReply", "data")):
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class HypercallReply:
-    ret: int  # becomes the guest's RAX; negative KVM_E* as two's complement
+class HypercallReply(namedtuple("HypercallReply", "ret")):
+    """``ret`` becomes the guest's RAX; negative KVM_E* as two's complement."""
+    __slots__ = ()
 
 
 MSR_OK = MsrReply(False)
 MSR_GP = MsrReply(True)
 
-Reply = Union[MsrReply, IoInReply, HypercallReply, None]
 
-
-def apply(run, reply: Reply) -> None:
+def apply(run, reply) -> None:
     """Write ``reply`` into ``run`` so the next KVM_RUN completes the access."""
     if reply is None:
         return

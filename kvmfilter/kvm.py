@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections import namedtuple
+from typing import TYPE_CHECKING
 
 from ._kvm import ffi, lib
 from .cpuid import CpuidEntry
-from .msr_filter import MsrFilter
+
+if TYPE_CHECKING:
+    from typing import Iterable, Sequence
+
+    from .msr_filter import MsrFilter
 
 DEV_KVM = "/dev/kvm"
 KVM_API_VERSION = 12
@@ -135,12 +139,7 @@ class Kvm(_Fd):
         return Vm(self, fd)
 
 
-@dataclass(frozen=True)
-class MemorySlot:
-    slot: int
-    guest_phys_addr: int
-    size: int
-    userspace_addr: int
+MemorySlot = namedtuple("MemorySlot", "slot guest_phys_addr size userspace_addr")
 
 
 class GuestMemory:
@@ -216,7 +215,7 @@ class Vm(_Fd):
             lib.kvmf_close(fd)
             raise
 
-    def set_msr_filter(self, msr_filter: MsrFilter) -> None:
+    def set_msr_filter(self, msr_filter: "MsrFilter") -> None:
         """KVM_X86_SET_MSR_FILTER, after the checks api.rst documents.
 
         Raises:

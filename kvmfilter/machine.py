@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections import namedtuple
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import TYPE_CHECKING
 
 from . import exits
 from ._kvm import ffi, lib
@@ -23,6 +23,9 @@ from .exits import (HltExit, HypercallExit, HypercallReply, InterruptedExit, IoE
                     MsrExit, MsrReply, ShutdownExit, apply, decode)
 from .kvm import GuestMemory, Kvm, KvmError, Vcpu, Vm
 from .msr_filter import READ, WRITE, MsrFilter
+
+if TYPE_CHECKING:
+    from typing import Callable, Optional
 
 log = logging.getLogger("kvmfilter.machine")
 
@@ -60,8 +63,10 @@ class MissingCapabilityError(RuntimeError):
     """The host's KVM lacks a capability the machine needs."""
 
 
-class MsrHandler(Protocol):
-    """Serves one MSR.  ``reads``/``writes`` say which accesses it takes.
+class MsrHandler:
+    """The interface of an MSR handler (documentation; any object with these works).
+
+    Serves one MSR.  ``reads``/``writes`` say which accesses it takes.
 
     A handler may also take a fast path: ``attach_fast_path(fast)`` receives an
     ``MsrFastPath`` to publish its no-change verdicts to, and
@@ -108,9 +113,9 @@ class MsrFastPath:
         return bool(self.struct.enabled)
 
 
-PortHandler = Callable[[int, IoExit], Optional[bytes]]
-# Returns the guest's RAX: 0 or a negative KVM_E* error.
-HypercallHandler = Callable[[int, HypercallExit], int]
+# A port handler is called as handler(vcpu_index, IoExit) and returns the bytes
+# an IN reads (None for OUT).  A hypercall handler is called as
+# handler(vcpu_index, HypercallExit) and returns the guest's RAX: 0 or -KVM_E*.
 
 # dispatch() outcomes
 CONTINUE = "continue"
@@ -119,24 +124,15 @@ STOPPED = "stopped"
 _EXIT_NAMES = exits.EXIT_NAMES
 
 
-@dataclass
-class StopRecord:
+class StopRecord(namedtuple("StopRecord", "reason code detail vcpu", defaults=(0, None, None))):
     """Why the VM stopped (the run report's ``exit``)."""
-    reason: str
-    code: int = 0
-    detail: Optional[str] = None
-    vcpu: Optional[int] = None
+    __slots__ = ()
 
 
-@dataclass
-class RunResult:
-    exit: StopRecord
-    console: str
-    console_dropped: int
-    exits: dict
-    unhandled_ports: dict
-    vcpu_exits: list = field(default_factory=list)
-    elapsed_s: float = 0.0
+class RunResult(namedtuple("RunResult", "exit console console_dropped exits unhandled_ports "
+                                        "vcpu_exits elapsed_s")):
+    """What a run produced: the StopRecord, console text, exit counts by name."""
+    __slots__ = ()
 
 
 def validate_image(image: bytes) -> None:
@@ -244,11 +240,11 @@ class Machine:
         self.fast_path = fast_path
         self.console_limit = console_limit
         self._fast: tuple[MsrFastPath, MsrHandler] | None = None
-        self.port_handlers: dict[int, PortHandler] = {
+        self.port_handlers: dict = {
             CONSOLE_PORT: self._console_out,
             DEBUG_EXIT_PORT: self._debug_exit,
         }
-        self.hypercall_handlers: dict[int, HypercallHandler] = {}
+        self.hypercall_handlers: dict = {}
         self._hypercall_features: dict[int, int] = {}
         self.hypercall_exits: dict[int, str] = {}  # nr -> "enabled" or why not
         self.vm: Vm | None = None
@@ -280,12 +276,12 @@ class Machine:
             handler.attach_fast_path(fast)
             self._fast = (fast, handler)
 
-    def add_port_handler(self, port: int, handler: PortHandler) -> None:
+    def add_port_handler(self, port: int, handler: handler) -> None:
         if self._ran:
             raise RuntimeError("handlers must be registered before run()")
         self.port_handlers[port] = handler
 
-    def add_hypercall_handler(self, nr: int, handler: HypercallHandler,
+    def add_hypercall_handler(self, nr: int, handler,
                               cpuid_feature_bit: int | None = None) -> None:
         """Serve hypercall ``nr`` through KVM_CAP_EXIT_HYPERCALL.
 
@@ -312,7 +308,10 @@ class Machine:
             if not self.kvm.check_extension(cap):
                 raise MissingCapabilityError(f"KVM lacks {name}, needed {why}")
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Create the VM, its memory and vCPUs (start() does this if needed)."""
+        if self.vm is not None:
+            return
         self._check_caps(REQUIRED_CAPS)
         if self.msr_handlers:
             self._check_caps(MSR_CAPS)
@@ -374,7 +373,7 @@ class Machine:
         if self.kvm is None:
             raise RuntimeError("Machine.run() needs a Kvm")
         self._ran = True
-        self._setup()
+        self.setup()
         _kick_signal_number()
         self._started = time.monotonic()
         self._running = len(self._threads)
@@ -412,6 +411,10 @@ class Machine:
         if not self._all_stopped.is_set():
             return None
         return self._stop or StopRecord("hlt", 0)
+
+    @property
+    def vcpus(self) -> list[Vcpu]:
+        return [t.vcpu for t in self._threads]
 
     @property
     def paused(self) -> bool:

@@ -20,9 +20,7 @@ import logging
 import threading
 import time
 from array import array
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from collections import namedtuple
 
 log = logging.getLogger("kvmfilter.migration")
 
@@ -40,35 +38,30 @@ ACCESS_LOG_LIMIT = 1024  # run report: the first 1024 accesses, in order
 
 def rfc3339(t: float) -> str:
     """Seconds since the epoch -> RFC 3339 UTC with microseconds."""
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds") \
-        .replace("+00:00", "Z")
+    seconds = int(t // 1)
+    micros = int(round((t - seconds) * 1e6))
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(namedtuple("Verdict", "gp value")):
     """What to do with one access.  ``value``: the MSR value after it (for
     RDMSR, what the guest reads)."""
-    gp: bool
-    value: int
+    __slots__ = ()
 
     @property
     def name(self) -> str:
         return GP if self.gp else OK
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
-    vcpu: int
-    old: int
-    new: int
-    time: float  # seconds since the epoch
+class Transition(namedtuple("Transition", "vcpu old new time")):
+    """A change of the value; ``time`` in seconds since the epoch."""
+    __slots__ = ()
 
     def to_json(self) -> dict:
         return {"vcpu": self.vcpu, "from": self.old, "to": self.new,
                 "time": rfc3339(self.time)}
-
-
-Listener = Callable[[Transition], None]
 
 
 class MigrationControl:
@@ -82,14 +75,14 @@ class MigrationControl:
     """
 
     def __init__(self, advertised: bool = True, encrypted_memory: bool = True,
-                 clock: Callable[[], float] = time.time):
+                 clock=time.time):
         self.advertised = advertised
         self.encrypted_memory = encrypted_memory
         self.initial_value = 0 if encrypted_memory else KVM_MIGRATION_READY
         self._value = self.initial_value
         self._clock = clock
         self._lock = threading.Lock()
-        self._listeners: list[Listener] = []
+        self._listeners: list = []  # callables taking a Transition
         self.since = clock()  # when the value last changed (or the VM was created)
         self.last_writer: int | None = None
         self.accesses: list[dict] = []
@@ -184,7 +177,7 @@ class MigrationControl:
 
     # -- observers ------------------------------------------------------------
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener) -> None:
         """Call ``listener(transition)`` on every change, in order, under the lock."""
         self._listeners.append(listener)
 

@@ -6,8 +6,8 @@ enabled becomes a KVM_EXIT_X86_RDMSR/WRMSR to userspace.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+from collections import namedtuple
+from typing import TYPE_CHECKING
 
 from ._kvm import lib
 
@@ -21,6 +21,10 @@ MAX_BITMAP_BYTES = lib.KVM_MSR_FILTER_MAX_BITMAP_SIZE
 _LONG_BYTES = 8
 
 
+if TYPE_CHECKING:
+    from typing import Mapping
+
+
 class MsrFilterError(ValueError):
     """A filter that api.rst says KVM will reject."""
 
@@ -30,12 +34,9 @@ def bitmap_bytes(nmsrs: int) -> int:
     return (nmsrs + 63) // 64 * _LONG_BYTES
 
 
-@dataclass(frozen=True)
-class MsrRange:
-    base: int
-    nmsrs: int
-    flags: int
-    bitmap: bytes  # bit i = MSR base+i; 1 = allowed, 0 = denied (exits)
+class MsrRange(namedtuple("MsrRange", "base nmsrs flags bitmap")):
+    """``bitmap`` bit i = MSR base+i; 1 = allowed, 0 = denied (exits)."""
+    __slots__ = ()
 
     @classmethod
     def deny(cls, index: int, flags: int) -> "MsrRange":
@@ -50,10 +51,9 @@ class MsrRange:
         return self.base <= index < self.base + self.nmsrs
 
 
-@dataclass(frozen=True)
-class MsrFilter:
-    default_deny: bool
-    ranges: tuple[MsrRange, ...]
+class MsrFilter(namedtuple("MsrFilter", "default_deny ranges")):
+    """``ranges``: a tuple of MsrRange, looked up in order."""
+    __slots__ = ()
 
     @classmethod
     def deny_only(cls, msrs: Mapping[int, int]) -> "MsrFilter":

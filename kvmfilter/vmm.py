@@ -9,19 +9,20 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
-from importlib import resources
-from typing import Optional
+import threading
+from typing import TYPE_CHECKING
 
 from ._kvm import lib
 from .exits import MSR_GP, HypercallExit, MsrReply
-from .journal import ReadinessJournal
 from .kvm import Kvm
 from .machine import (DEFAULT_MEMORY, DEFAULT_TIMEOUT, MAX_IMAGE_SIZE, ImageError, Machine,
                       RunResult, validate_image)
 from .migration import (ACCESS_LOG_LIMIT, GP, MSR_KVM_MIGRATION_CONTROL, OK, RDMSR, WRMSR,
                         MigrationControl)
 from .pagemap import PageMap
+
+if TYPE_CHECKING:
+    from typing import Optional
 
 log = logging.getLogger("kvmfilter.vmm")
 
@@ -35,18 +36,27 @@ _MAP_ENCRYPTED = lib.KVM_MAP_GPA_RANGE_ENCRYPTED
 _MAP_RESERVED = ~0x1F & 0xFFFF_FFFF_FFFF_FFFF
 
 
-@dataclass
 class RunOptions:
-    image: Optional[str] = None  # a path; None = the bundled conformance guest
-    memory: int = DEFAULT_MEMORY
-    vcpus: int = 1
-    timeout: float = DEFAULT_TIMEOUT
-    migration_control: bool = True
-    map_gpa_range: bool = True
-    plain_memory: bool = False
-    journal: Optional[str] = None
-    name: str = "vm"
-    fast_path: bool = True  # the C MSR fast path; off only to measure it
+    """What `kvmfilter run`/`serve` configure (their options, by the same names)."""
+
+    def __init__(self, image: Optional[str] = None, memory: int = DEFAULT_MEMORY,
+                 vcpus: int = 1, timeout: Optional[float] = DEFAULT_TIMEOUT,
+                 migration_control: bool = True, map_gpa_range: bool = True,
+                 plain_memory: bool = False, journal: Optional[str] = None,
+                 name: str = "vm", fast_path: bool = True):
+        self.image = image  # a path; None = the bundled conformance guest
+        self.memory = memory
+        self.vcpus = vcpus
+        self.timeout = timeout  # None: run until the guest stops
+        self.migration_control = migration_control
+        self.map_gpa_range = map_gpa_range
+        self.plain_memory = plain_memory
+        self.journal = journal
+        self.name = name
+        self.fast_path = fast_path  # the C MSR fast path; off only to measure it
+
+    def __repr__(self) -> str:
+        return f"RunOptions({vars(self)!r})"
 
 
 def load_image(path: Optional[str]) -> tuple[bytes, str]:
@@ -73,8 +83,13 @@ def load_image(path: Optional[str]) -> tuple[bytes, str]:
     return image, path
 
 
+GUESTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guests")
+
+
 def bundled_guest(name: str) -> bytes:
-    return resources.files("kvmfilter.guests").joinpath(f"{name}.bin").read_bytes()
+    """A guest image shipped in kvmfilter/guests/ (built from its .S source)."""
+    with open(os.path.join(GUESTS_DIR, f"{name}.bin"), "rb") as f:
+        return f.read()
 
 
 class MigrationControlMsr:
@@ -130,6 +145,7 @@ class MapGpaRange:
         self.page_map = page_map
         self.memory_size = memory_size
         self.rejected = 0
+        self._lock = threading.Lock()  # PageMap updates are serialized by its user
 
     def __call__(self, vcpu: int, ex: HypercallExit) -> int:
         gpa, npages, attrs = ex.args[0], ex.args[1], ex.args[2]
@@ -142,7 +158,8 @@ class MapGpaRange:
             log.warning("map_gpa_range_rejected", extra={"vcpu": vcpu, "gpa": gpa,
                                                         "npages": npages, "attrs": attrs})
             return -lib.KVM_EINVAL
-        self.page_map.update(gpa, end, shared=not attrs & _MAP_ENCRYPTED)
+        with self._lock:
+            self.page_map.update(gpa, end, shared=not attrs & _MAP_ENCRYPTED)
         return 0
 
 
@@ -160,8 +177,10 @@ class Vmm:
         if image is None:
             image, label = load_image(options.image)
         self.label = label or "<bytes>"
-        self.journal = (ReadinessJournal(options.journal, options.name)
-                        if options.journal else None)
+        self.journal = None
+        if options.journal:
+            from .journal import ReadinessJournal  # sqlite3 costs start-up time
+            self.journal = ReadinessJournal(options.journal, options.name)
         self.control = MigrationControl(advertised=options.migration_control,
                                         encrypted_memory=not options.plain_memory)
         if self.journal is not None:

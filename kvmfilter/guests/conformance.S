@@ -352,13 +352,21 @@ putc:
     pop     %dx
     ret
 
+/* Print the NUL-terminated string at SI with one REP OUTSB (one exit, not
+ * one per byte).  Clobbers AX, CX, DI. */
 puts:
-    lodsb
-    test    %al, %al
-    jz      1f
-    call    putc
-    jmp     puts
-1:  ret
+    push    %dx
+    mov     %si, %di
+    xor     %al, %al
+    mov     $0xffff, %cx
+    cld
+    repne scasb                 /* find the NUL: CX counts down past it */
+    not     %cx
+    dec     %cx                 /* CX = length */
+    mov     $CONSOLE, %dx
+    rep outsb
+    pop     %dx
+    ret
 
 /* AX as unsigned decimal. */
 putdec:
