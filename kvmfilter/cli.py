@@ -8,6 +8,7 @@ is part of what users pay per run.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -111,13 +112,14 @@ def probe(as_json: bool) -> None:
         sys.exit(EXIT_NO_KVM)
 
 
-def run_options(f):
+def run_options(f, timeout_default=10.0):
     """The options `run` and `serve` share."""
     decorators = [
-        click.argument("image", required=False, type=click.Path(dir_okay=False)),
-        click.option("--timeout", type=click.FloatRange(min=0.001, max=7 * 86400),
-                     default=10.0, show_default=True,
-                     help="Seconds before the VM is stopped (even if KVM_RUN spins)."),
+        click.argument("image", required=False),
+        click.option("--timeout", type=click.FloatRange(min=0.001, max=366 * 86400),
+                     default=timeout_default, show_default=timeout_default is not None,
+                     help="Seconds before the VM is stopped (even if KVM_RUN spins)"
+                     + ("." if timeout_default is not None else "; default: no limit.")),
         click.option("--memory", type=SizeParam(), default="1M", show_default=True,
                      help="Guest RAM (multiple of 4 KiB, 1 MiB .. 1 TiB)."),
         click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True,
@@ -161,7 +163,9 @@ def _options(image, timeout, memory, vcpus, no_migration_control, no_map_gpa_ran
 def run(as_json: bool, **kwargs) -> None:
     """Run IMAGE (default: the bundled conformance guest) and report.
 
-    IMAGE is a flat real-mode binary loaded at 0x7C00 (see README).  Exit 0
+    IMAGE is a flat real-mode binary loaded at 0x7C00 (see README), or
+    bundled:NAME for a guest shipped with kvmfilter (conformance, hello,
+    readiness_cycle).  Exit 0
     when the guest halts or exits through port 0xF4 with code 0 and every
     host-side check passes; 1 otherwise.
     """
@@ -225,6 +229,102 @@ def journal(path: str, vm_name: str | None, as_json: bool) -> None:
         t = r.to_json()
         click.echo(f"{t['time']}  {r.vm}  vCPU {r.vcpu}: {r.old} -> {r.new}"
                    f"  ({'ready' if r.new else 'not ready'})")
+
+
+def serve_options(f):
+    return run_options(f, timeout_default=None)
+
+
+@cli.command()
+@serve_options
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
+              help="Unix socket to serve (created mode 0600).")
+@click.option("--metrics-file", type=click.Path(dir_okay=False),
+              help="Prometheus textfile to keep current (written atomically).")
+def serve(socket_path: str, metrics_file: str | None, **kwargs) -> None:
+    """Run IMAGE (default: bundled:readiness_cycle) as a daemon with a QMP-style
+    control socket, until `quit`, SIGTERM or SIGINT.
+
+    Commands: qmp_capabilities, query-status, query-migration-readiness,
+    query-page-map, query-commands, query-version, stop, cont,
+    system_powerdown, quit.  Events: MIGRATION_READINESS_CHANGED,
+    GUEST_STOPPED, STOP, RESUME, POWERDOWN, SHUTDOWN.  Exit 0 after a clean
+    shutdown; 2 if the socket is served by another process.
+    """
+    from .daemon import SocketInUse, serve as run_daemon
+    from .vmm import Vmm
+
+    if kwargs["image"] is None:
+        kwargs["image"] = "bundled:readiness_cycle"
+    options = _options(**kwargs)
+    if metrics_file:
+        directory = os.path.dirname(os.path.abspath(metrics_file))
+        if not os.access(directory, os.W_OK):
+            raise Failure(f"--metrics-file: cannot write in {directory}", EXIT_USAGE)
+    with Vmm(None, options) as vmm:
+        vmm.machine.kvm = _open_kvm()
+        try:
+            run_daemon(vmm, socket_path, metrics_file)
+        except SocketInUse as exc:
+            raise Failure(str(exc), EXIT_USAGE) from None
+
+
+def _connect(socket_path: str, timeout):
+    from .daemon import QmpClient
+    try:
+        return QmpClient(socket_path, timeout=timeout)
+    except FileNotFoundError:
+        raise Failure(f"no daemon socket at {socket_path}", EXIT_USAGE) from None
+    except ConnectionRefusedError:
+        raise Failure(f"nothing is serving {socket_path} (a stale socket?)", EXIT_USAGE) from None
+    except PermissionError:
+        raise Failure(f"{socket_path}: permission denied (the socket is mode 0600)",
+                      EXIT_USAGE) from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise Failure(f"{socket_path}: not a kvmfilter daemon ({exc})", EXIT_FAILED) from None
+
+
+@cli.command()
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False))
+@click.argument("command")
+@click.option("--arguments", "arguments", default=None, metavar="JSON",
+              help="The command's arguments, a JSON object.")
+def query(socket_path: str, command: str, arguments: str | None) -> None:
+    """Execute COMMAND on a daemon; print its return value as JSON (exit 1 on an error)."""
+    import json
+    args = None
+    if arguments is not None:
+        try:
+            args = json.loads(arguments)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--arguments") from None
+        if not isinstance(args, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--arguments")
+    with _connect(socket_path, timeout=30.0) as client:
+        reply = client.execute(command, args)
+    if "error" in reply:
+        err = reply["error"]
+        click.echo(f"kvmfilter: {command}: {err.get('class')}: {err.get('desc')}", err=True)
+        sys.exit(EXIT_FAILED)
+    _emit_json(reply.get("return"))
+
+
+@cli.command()
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False))
+def watch(socket_path: str) -> None:
+    """Print the daemon's events as JSON lines until it exits."""
+    import json
+    with _connect(socket_path, timeout=None) as client:
+        for msg in client.events:
+            click.echo(json.dumps(msg))
+        while True:
+            try:
+                msg = client.read()
+            except (EOFError, ConnectionError):
+                break
+            if "event" in msg:
+                click.echo(json.dumps(msg))
+                sys.stdout.flush()
 
 
 @cli.command()

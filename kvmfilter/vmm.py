@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmfilter.vmm")
 
-BUNDLED_GUESTS = ("conformance", "hello")
+BUNDLED_GUESTS = ("conformance", "hello", "readiness_cycle")
 DEFAULT_GUEST = "conformance"
+BUNDLED_PREFIX = "bundled:"
+POWER_BUTTON_PORT = 0xF5  # kvmfilter extension: reads 1 once a powerdown is requested
 PAGE_SIZE = 4096
 # attrs bits 3:0 = page-size hint; bit 4 = encrypted; 63:5 reserved (asm/kvm_para.h)
 _MAP_PAGE_SIZES = (lib.KVM_MAP_GPA_RANGE_PAGE_SZ_4K, lib.KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
@@ -66,7 +68,13 @@ def load_image(path: Optional[str]) -> tuple[bytes, str]:
         ImageError: missing, unreadable, empty or oversized.
     """
     if path is None:
-        return bundled_guest(DEFAULT_GUEST), f"<bundled:{DEFAULT_GUEST}>"
+        path = BUNDLED_PREFIX + DEFAULT_GUEST
+    if path.startswith(BUNDLED_PREFIX):
+        name = path[len(BUNDLED_PREFIX):]
+        if name not in BUNDLED_GUESTS:
+            raise ImageError(f"{path}: no such bundled guest (there are: "
+                             f"{', '.join(BUNDLED_PREFIX + g for g in BUNDLED_GUESTS)})")
+        return bundled_guest(name), f"<bundled:{name}>"
     try:
         size = os.path.getsize(path)
         if size > MAX_IMAGE_SIZE:
@@ -200,7 +208,16 @@ class Vmm:
             self.map_gpa_range = MapGpaRange(self.page_map, options.memory)
             self.machine.add_hypercall_handler(lib.KVM_HC_MAP_GPA_RANGE, self.map_gpa_range,
                                                cpuid_feature_bit=lib.KVM_FEATURE_HC_MAP_GPA_RANGE)
+        self.powerdown_requested = False
+        self.machine.add_port_handler(POWER_BUTTON_PORT, self._power_button)
         self.result: Optional[RunResult] = None
+
+    def _power_button(self, vcpu: int, ex) -> Optional[bytes]:
+        return None if ex.is_out else (b"\x01" if self.powerdown_requested else b"\x00")
+
+    def request_powerdown(self) -> None:
+        """Press the power button: the guest reads 1 from port 0xF5 from now on."""
+        self.powerdown_requested = True
 
     def run(self, kvm: Optional[Kvm] = None) -> RunResult:
         """Run the VM to its end; ``kvm`` if the VMM was built without one."""
