@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.installed
 
 GUEST_SRC := $(wildcard kvmfilter/guests/*.S tests/guests/*.S)
 GUEST_BIN := $(GUEST_SRC:.S=.bin)
+GUEST_INC := $(wildcard kvmfilter/guests/*.inc)
 
 .PHONY: run test unit bench guests venv clean
 
@@ -38,6 +39,8 @@ bench: $(STAMP)
 
 # Guest images: flat real-mode binaries linked at 0x7C00.
 guests: $(GUEST_BIN)
+
+$(filter kvmfilter/guests/%,$(GUEST_BIN)): $(GUEST_INC)
 
 %.bin: %.S
 	gcc -m32 -c -o $*.o $<

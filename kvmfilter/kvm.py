@@ -170,6 +170,12 @@ class GuestMemory:
             lib.munmap(self.ptr, self.size)
             self.ptr = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self):
         self.close()
 

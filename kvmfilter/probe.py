@@ -49,28 +49,24 @@ def run_micro(kvm: Kvm, image: bytes, setup: Callable[[Vm], None] = lambda vm: N
     ``answer(run, exit)``, when given, may reply to an exit and return True to
     keep running (e.g. to let the guest see the reply).
     """
-    with kvm.create_vm() as vm:
-        memory = GuestMemory(MICRO_MEMORY)
-        try:
-            memory.write(LOAD_ADDRESS, image)
-            vm.set_user_memory_region(0, 0, MICRO_MEMORY, memory.address)
-            setup(vm)
-            with vm.create_vcpu(0) as vcpu:
-                cpuid = kvm.get_supported_cpuid()
-                if pv_features:
-                    cpuid = with_pv_features(cpuid, pv_features)
-                vcpu.set_cpuid2(cpuid)
-                reset_real_mode(vcpu, 0)
-                timer = threading.Timer(timeout, kick_vcpu_thread,
-                                        (vcpu, threading.get_ident()))
-                timer.start()
-                try:
-                    return _drive(vcpu, answer)
-                finally:
-                    timer.cancel()
-                    vcpu.run_page.immediate_exit = 0
-        finally:
-            memory.close()
+    with kvm.create_vm() as vm, GuestMemory(MICRO_MEMORY) as memory:
+        memory.write(LOAD_ADDRESS, image)
+        vm.set_user_memory_region(0, 0, MICRO_MEMORY, memory.address)
+        setup(vm)
+        with vm.create_vcpu(0) as vcpu:
+            cpuid = kvm.get_supported_cpuid()
+            if pv_features:
+                cpuid = with_pv_features(cpuid, pv_features)
+            vcpu.set_cpuid2(cpuid)
+            reset_real_mode(vcpu, 0)
+            timer = threading.Timer(timeout, kick_vcpu_thread,
+                                    (vcpu, threading.get_ident()))
+            timer.start()
+            try:
+                return _drive(vcpu, answer)
+            finally:
+                timer.cancel()
+                vcpu.run_page.immediate_exit = 0
 
 
 def _drive(vcpu, answer) -> MicroOutcome:
@@ -146,20 +142,16 @@ def _immediate_exit(kvm: Kvm) -> Feature:
     """KVM_RUN with immediate_exit=1 must return EINTR without running the guest."""
     if not kvm.check_extension(lib.KVM_CAP_IMMEDIATE_EXIT):
         return Feature(False, False, "KVM_CHECK_EXTENSION(KVM_CAP_IMMEDIATE_EXIT) is 0")
-    with kvm.create_vm() as vm:
-        memory = GuestMemory(MICRO_MEMORY)
-        try:
-            memory.write(LOAD_ADDRESS, b"\xeb\xfe")  # jmp . (spins if entered)
-            vm.set_user_memory_region(0, 0, MICRO_MEMORY, memory.address)
-            with vm.create_vcpu(0) as vcpu:
-                vcpu.set_cpuid2(kvm.get_supported_cpuid())
-                reset_real_mode(vcpu, 0)
-                vcpu.run_page.immediate_exit = 1
-                vcpu.run()
-                reason = vcpu.run_page.exit_reason
-                rip = vcpu.get_regs().rip
-        finally:
-            memory.close()
+    with kvm.create_vm() as vm, GuestMemory(MICRO_MEMORY) as memory:
+        memory.write(LOAD_ADDRESS, b"\xeb\xfe")  # jmp . (spins if entered)
+        vm.set_user_memory_region(0, 0, MICRO_MEMORY, memory.address)
+        with vm.create_vcpu(0) as vcpu:
+            vcpu.set_cpuid2(kvm.get_supported_cpuid())
+            reset_real_mode(vcpu, 0)
+            vcpu.run_page.immediate_exit = 1
+            vcpu.run()
+            reason = vcpu.run_page.exit_reason
+            rip = vcpu.get_regs().rip
     ok = exit_name(reason) == "intr" and rip == LOAD_ADDRESS
     return Feature(True, ok, f"KVM_RUN with immediate_exit=1 returned {exit_name(reason)} "
                    f"at RIP {rip:#x} (needed to stop a vCPU that is about to enter)")

@@ -343,46 +343,7 @@ tap:
     movb    $1, pass
     jmp     newline
 
-newline:
-    mov     $'\n', %al
-putc:
-    push    %dx
-    mov     $CONSOLE, %dx
-    outb    %al, %dx
-    pop     %dx
-    ret
-
-/* Print the NUL-terminated string at SI with one REP OUTSB (one exit, not
- * one per byte).  Clobbers AX, CX, DI. */
-puts:
-    push    %dx
-    mov     %si, %di
-    xor     %al, %al
-    mov     $0xffff, %cx
-    cld
-    repne scasb                 /* find the NUL: CX counts down past it */
-    not     %cx
-    dec     %cx                 /* CX = length */
-    mov     $CONSOLE, %dx
-    rep outsb
-    pop     %dx
-    ret
-
-/* AX as unsigned decimal. */
-putdec:
-    mov     $10, %bx
-    xor     %cx, %cx
-1:  xor     %dx, %dx
-    div     %bx
-    push    %dx
-    inc     %cx
-    test    %ax, %ax
-    jnz     1b
-2:  pop     %ax
-    add     $'0', %al
-    call    putc
-    loop    2b
-    ret
+#include "console.inc"
 
 /* ---- data (in the image: the whole of RAM is writable) ------------------- */
     .p2align 1

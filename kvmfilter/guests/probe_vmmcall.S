@@ -1,32 +1,6 @@
 /*
- * probe_vmmcall.S - used by `kvmfilter probe`: KVM_HC_MAP_GPA_RANGE (RAX=12)
- * for one encrypted 4 KiB page at 0x10000, issued with VMMCALL (0F 01 D9),
- * which is safe on every host we know (never VMCALL: it can hang KVM_RUN on
- * kvm_pvm hosts, see host-kvm.md).
- * Exit codes: #UD (vector 6) -> 6; the hypercall returned without exiting to
- * the VMM -> 0x40 | (low 4 bits of RAX), so the VMM can tell "KVM answered
- * it itself" from "it reached us".
+ * probe_vmmcall.S - KVM_HC_MAP_GPA_RANGE with VMMCALL (0F 01 D9), the AMD
+ * form, which is safe on every host we know: it exits, returns, or raises #UD.
  */
-    .code16
-    .text
-    .globl _start
-_start:
-    cli
-    xor     %ax, %ax
-    mov     %ax, %ds
-    movw    $ud_handler, 6*4
-    movw    $0, 6*4+2
-    mov     $12, %eax
-    mov     $0x10000, %ebx
-    mov     $1, %ecx
-    mov     $0x10, %edx
-    vmmcall
-    and     $0x0f, %al
-    or      $0x40, %al
-exit:
-    mov     $0xf4, %dx
-    outb    %al, %dx
-    hlt
-ud_handler:
-    mov     $6, %al
-    jmp     exit
+#define HYPERCALL vmmcall
+#include "probe_hypercall.inc"

@@ -28,6 +28,7 @@ _start:
     cli
     xor     %ax, %ax
     mov     %ax, %ds
+    mov     %ax, %es
     mov     %ax, %ss
     mov     $0x7c00, %sp
     test    %si, %si
@@ -91,35 +92,7 @@ work:
     jnz     1b
     ret
 
-putc:
-    push    %dx
-    mov     $CONSOLE, %dx
-    outb    %al, %dx
-    pop     %dx
-    ret
-
-puts:
-    lodsb
-    test    %al, %al
-    jz      1f
-    call    putc
-    jmp     puts
-1:  ret
-
-putdec:
-    mov     $10, %bx
-    xor     %cx, %cx
-1:  xor     %dx, %dx
-    div     %bx
-    push    %dx
-    inc     %cx
-    test    %ax, %ax
-    jnz     1b
-2:  pop     %ax
-    add     $'0', %al
-    call    putc
-    loop    2b
-    ret
+#include "console.inc"
 
     .p2align 1
 cycles:       .word 0

@@ -25,6 +25,8 @@ def test_c_loop_services_exactly_the_guest_loop(kvm):
 def test_vcpu_scaling_reports_speedups(kvm):
     out = bench.Bench(kvm, seconds=5, rounds=1).vcpu_scaling()
     assert {"1_vcpus", "2_vcpus", "4_vcpus", "speedup_2_vs_1", "speedup_4_vs_1"} <= set(out)
+    for case in ("1_vcpus", "2_vcpus", "4_vcpus"):
+        assert {"median_ns", "min", "max", "median_exits_per_s"} <= set(out[case])
 
 
 def test_page_map_case_reports_memory():

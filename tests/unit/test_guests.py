@@ -7,6 +7,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCES = sorted(ROOT.glob("kvmfilter/guests/*.S")) + sorted(ROOT.glob("tests/guests/*.S"))
+INCLUDES = sorted(ROOT.glob("kvmfilter/guests/*.inc"))
 TOOLS = ("gcc", "ld", "objcopy")
 
 
@@ -24,7 +25,8 @@ def test_committed_binary_matches_source(source, tmp_path):
     committed = source.with_suffix(".bin")
     assert committed.exists(), f"{committed.name} is not committed; run make guests"
     target = tmp_path / committed.name
-    shutil.copy(source, tmp_path / source.name)
+    for part in [source, *source.parent.glob("*.inc")]:  # the .S and what it #includes
+        shutil.copy(part, tmp_path / part.name)
     subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path),
                     committed.name], check=True, capture_output=True)
     assert target.read_bytes() == committed.read_bytes(), (
