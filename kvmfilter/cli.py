@@ -251,9 +251,15 @@ def serve(socket_path: str, metrics_file: str | None, **kwargs) -> None:
     GUEST_STOPPED, STOP, RESUME, POWERDOWN, SHUTDOWN.  Exit 0 after a clean
     shutdown; 2 if the socket is served by another process.
     """
+    import signal
+
     from .daemon import SocketInUse, serve as run_daemon
     from .vmm import Vmm
 
+    # Until the daemon's loop takes over SIGTERM/SIGINT: a stop during set-up is
+    # a clean exit 0 (nothing has run, nothing to flush), not death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(EXIT_OK))
     if kwargs["image"] is None:
         kwargs["image"] = "bundled:readiness_cycle"
     options = _options(**kwargs)
