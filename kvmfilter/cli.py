@@ -276,7 +276,14 @@ def serve(socket_path: str, metrics_file: str | None, **kwargs) -> None:
 
 
 def _connect(socket_path: str, timeout):
+    import stat
+
     from .daemon import QmpClient
+    try:
+        if not stat.S_ISSOCK(os.stat(socket_path).st_mode):
+            raise Failure(f"{socket_path} is not a socket", EXIT_USAGE)
+    except FileNotFoundError:
+        raise Failure(f"no daemon socket at {socket_path}", EXIT_USAGE) from None
     try:
         return QmpClient(socket_path, timeout=timeout)
     except FileNotFoundError:

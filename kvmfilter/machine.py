@@ -5,15 +5,16 @@ The guest-image contract (design.md): a flat binary loaded at 0x7C00, run in
 16-bit real mode with CS=DS=ES=SS=0, IP=SP=0x7C00, EFLAGS=0x2, general registers
 0 except SI = the vCPU index.  Port 0xE9 is the console, an OUT to 0xF4 stops
 the VM with that code, HLT stops a vCPU.  Extension: CPUID.01H:EBX[31:24] is the
-vCPU index and EBX[23:16] the number of vCPUs, as on real hardware.
+vCPU index and EBX[23:16] the number of vCPUs, as on real hardware.  (kvmfilter's
+VMM adds the power-button port 0xF5 on top: vmm.py.)
 """
 from __future__ import annotations
 
 import logging
 import signal
-from collections import namedtuple
 import threading
 import time
+from collections import namedtuple
 from typing import TYPE_CHECKING
 
 from . import exits
