@@ -253,7 +253,7 @@ def serve(socket_path: str, metrics_file: str | None, **kwargs) -> None:
     """
     import signal
 
-    from .daemon import SocketInUse, serve as run_daemon
+    from .daemon import SocketError, serve as run_daemon
     from .vmm import Vmm
 
     # Until the daemon's loop takes over SIGTERM/SIGINT: a stop during set-up is
@@ -271,7 +271,7 @@ def serve(socket_path: str, metrics_file: str | None, **kwargs) -> None:
         vmm.machine.kvm = _open_kvm()
         try:
             run_daemon(vmm, socket_path, metrics_file)
-        except SocketInUse as exc:
+        except SocketError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
 
 
@@ -314,7 +314,13 @@ def query(socket_path: str, command: str, arguments: str | None) -> None:
         if not isinstance(args, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--arguments")
     with _connect(socket_path, timeout=30.0) as client:
-        reply = client.execute(command, args)
+        try:
+            reply = client.execute(command, args)
+        except (EOFError, OSError, ValueError) as exc:  # OSError includes the timeout
+            raise Failure(f"{socket_path}: no reply to {command}: "
+                          f"{exc or type(exc).__name__}", EXIT_FAILED) from None
+    if not isinstance(reply, dict) or not ("return" in reply or "error" in reply):
+        raise Failure(f"{socket_path}: not a QMP reply: {reply!r:.200}", EXIT_FAILED)
     if "error" in reply:
         err = reply["error"]
         click.echo(f"kvmfilter: {command}: {err.get('class')}: {err.get('desc')}", err=True)
@@ -335,7 +341,9 @@ def watch(socket_path: str) -> None:
                 msg = client.read()
             except (EOFError, ConnectionError):
                 break
-            if "event" in msg:
+            except ValueError as exc:
+                raise Failure(f"{socket_path}: not a QMP message: {exc}", EXIT_FAILED) from None
+            if isinstance(msg, dict) and "event" in msg:
                 click.echo(json.dumps(msg))
                 sys.stdout.flush()
 
@@ -373,8 +381,8 @@ def main(argv=None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("kvmfilter: aborted", err=True)
+    except click.Abort:  # click's form of KeyboardInterrupt (and EOF on a prompt)
+        click.echo("kvmfilter: interrupted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo("kvmfilter: interrupted", err=True)

@@ -36,7 +36,9 @@ MAX_LINE = 64 * 1024  # longer requests are answered with an error and skipped
 # Replies and events are queued without waiting for the client; a client that
 # lets more than this pile up (it does not read) is dropped, never waited for.
 MAX_BACKLOG = 1 << 20
-METRICS_INTERVAL = 2.0
+METRICS_INTERVAL = 1.0  # the metrics file and sd_notify STATUS lag by at most this
+MAX_PENDING_EVENTS = 65536  # readiness events waiting for the loop; beyond: counted, dropped
+SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
 
 
 class CommandError(Exception):
@@ -61,30 +63,35 @@ def encode(msg: dict) -> bytes:
 
 # ---- the socket file ------------------------------------------------------------
 
-class SocketInUse(Exception):
-    """Another live daemon serves this path, or the path is not ours to replace."""
+class SocketError(Exception):
+    """The socket path cannot be served: another live daemon serves it, it is
+    not ours to replace, or it cannot be bound."""
 
 
 def claim_socket_path(path: str) -> None:
     """Make ``path`` free to bind: refuse a live socket, replace a stale one."""
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise SocketError(f"{path}: a Unix socket path is at most {SUN_PATH_MAX} bytes")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise SocketError(f"{path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+        raise SocketError(f"{path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except OSError as exc:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise SocketInUse(f"{path}: {exc.strerror}") from None
+            raise SocketError(f"{path}: {exc.strerror}") from None
         log.warning("stale_socket_replaced", extra={"socket": path})
         os.unlink(path)
         return
     finally:
         probe.close()
-    raise SocketInUse(f"{path} is served by another live kvmfilter (or other) process")
+    raise SocketError(f"{path} is served by another live kvmfilter (or other) process")
 
 
 # ---- sd_notify ------------------------------------------------------------------
@@ -193,6 +200,14 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
         self._server = None
+        self.paused = False  # True only once every vCPU is parked
+        self._run_state_lock: asyncio.Lock | None = None  # serializes stop/cont
+        self._pending: list[dict] = []  # events from vCPU threads, for the loop
+        self._pending_lock = threading.Lock()
+        self._events_dropped = 0
+        self._dirty = True  # metrics/STATUS need rewriting
+        self._shutdown_reason = "host-qmp-quit"  # QEMU's SHUTDOWN reasons
+        self._stop_detail = "shutdown"
         self.commands = {
             "qmp_capabilities": self.cmd_qmp_capabilities,
             "query-commands": self.cmd_query_commands,
@@ -212,7 +227,7 @@ class Daemon:
     def status(self) -> str:
         if self.guest_stop is not None:
             return "guest-stopped"
-        return "paused" if self.vmm.machine.paused else "running"
+        return "paused" if self.paused else "running"
 
     def broadcast(self, msg: dict) -> None:
         for client in list(self.clients):
@@ -220,16 +235,32 @@ class Daemon:
                 client.send(msg)
 
     def _on_transition(self, t) -> None:
-        # vCPU thread, under the policy's lock, after the journal committed it.
-        data = {"vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new),
-                "time": rfc3339(t.time)}
-        self._loop.call_soon_threadsafe(self._transition_in_loop, data)
+        # A vCPU thread, under the policy's lock, after the journal committed
+        # the change: the event is built now, so its blocked-reasons belong to
+        # this transition.  The loop is woken only when the queue was empty: a
+        # guest that toggles as fast as it can costs one wake-up per batch, and
+        # the loop's wake-up pipe (which also carries SIGTERM) never fills.
+        msg = event("MIGRATION_READINESS_CHANGED", {
+            "vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new),
+            "time": rfc3339(t.time), "blocked-reasons": self.vmm.blocked_reasons()})
+        with self._pending_lock:
+            wake = not self._pending
+            if len(self._pending) < MAX_PENDING_EVENTS:
+                self._pending.append(msg)
+            else:
+                self._events_dropped += 1
+        if wake:
+            self._loop.call_soon_threadsafe(self._flush_events)
 
-    def _transition_in_loop(self, data: dict) -> None:
-        data["blocked-reasons"] = self.vmm.blocked_reasons()
-        self.broadcast(event("MIGRATION_READINESS_CHANGED", data))
-        self.write_metrics()
-        sd_notify(f"STATUS={self._status_line()}")
+    def _flush_events(self) -> None:
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+            dropped, self._events_dropped = self._events_dropped, 0
+        for msg in batch:
+            self.broadcast(msg)
+        if dropped:  # the loop fell behind: say so, the journal has every one
+            self.broadcast(event("MIGRATION_READINESS_EVENTS_DROPPED", {"count": dropped}))
+        self._dirty = True
 
     def _status_line(self) -> str:
         c = self.vmm.control
@@ -278,7 +309,7 @@ class Daemon:
         return {"ready": c.ready, "value": c.value, "advertised": c.advertised,
                 "blocked-reasons": self.vmm.blocked_reasons(), "since": rfc3339(c.since),
                 "transitions": c.transitions_total, "accesses": c.accesses_total,
-                "last-writer": c.last_writer}
+                "last-changed-by": c.last_changed_by}
 
     async def cmd_query_page_map(self, client: Client, args: dict):
         self._no_arguments(args)
@@ -286,24 +317,29 @@ class Daemon:
 
     async def cmd_stop(self, client: Client, args: dict):
         self._no_arguments(args)
-        self._require_guest()
-        if self.vmm.machine.paused:
+        async with self._run_state_lock:  # one stop/cont at a time, in order
+            self._require_guest()
+            if self.paused:
+                return {}
+            parked = await self._loop.run_in_executor(None, self.vmm.machine.pause)
+            if not parked:
+                self.vmm.machine.resume()
+                raise CommandError("the vCPUs did not park within 5 s; the guest runs on")
+            self.paused = True
+            self.broadcast(event("STOP"))
+            self.write_metrics()
             return {}
-        parked = await self._loop.run_in_executor(None, self.vmm.machine.pause)
-        if not parked:
-            raise CommandError("the vCPUs did not park within 5 s")
-        self.broadcast(event("STOP"))
-        self.write_metrics()
-        return {}
 
     async def cmd_cont(self, client: Client, args: dict):
         self._no_arguments(args)
-        self._require_guest()
-        if self.vmm.machine.paused:
-            self.vmm.machine.resume()
-            self.broadcast(event("RESUME"))
-            self.write_metrics()
-        return {}
+        async with self._run_state_lock:
+            self._require_guest()
+            if self.paused:
+                self.vmm.machine.resume()
+                self.paused = False
+                self.broadcast(event("RESUME"))
+                self.write_metrics()
+            return {}
 
     async def cmd_system_powerdown(self, client: Client, args: dict):
         self._no_arguments(args)
@@ -314,7 +350,7 @@ class Daemon:
 
     async def cmd_quit(self, client: Client, args: dict):
         self._no_arguments(args)
-        self._loop.call_soon(self.shutdown, "quit")
+        self._loop.call_soon(self.shutdown, "quit command")
         return {}
 
     def _require_guest(self) -> None:
@@ -393,7 +429,8 @@ class Daemon:
         except Exception as exc:  # a bug answers this client; the daemon serves on
             log.exception("command_failed")
             reply = {"error": {"class": "GenericError",
-                               "desc": f"internal error: {type(exc).__name__}: {exc}"}}
+                               "desc": f"internal error: {type(exc).__name__}: {exc}"},
+                     **({"id": reply["id"]} if "id" in reply else {})}
         client.send(reply)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -415,18 +452,25 @@ class Daemon:
     def shutdown(self, why: str) -> None:
         if self._done is not None and not self._done.is_set():
             log.info("daemon_stopping", extra={"why": why})
+            self._stop_detail = why
+            if why != "quit command":
+                self._shutdown_reason = "host-signal"
             sd_notify("STOPPING=1")
             self._done.set()
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
-        self.vmm.control.add_listener(self._on_transition)  # after the journal's
+        self._run_state_lock = asyncio.Lock()
+        self.vmm.control.add_listener(self._on_transition)  # the journal records first
         claim_socket_path(self.socket_path)
         old_umask = os.umask(0o177)  # the socket is born 0600, never wider
         try:
             self._server = await asyncio.start_unix_server(self.handle, self.socket_path,
                                                            limit=MAX_LINE)
+        except OSError as exc:
+            raise SocketError(f"cannot serve {self.socket_path}: {exc.strerror or exc}") \
+                from None
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)
@@ -443,20 +487,26 @@ class Daemon:
                 try:
                     await asyncio.wait_for(self._done.wait(), METRICS_INTERVAL)
                 except asyncio.TimeoutError:
+                    # Counters move without transitions: rewrite every interval.
                     self.write_metrics()
+                    if self._dirty:
+                        self._dirty = False
+                        sd_notify(f"STATUS={self._status_line()}")
         finally:
             await self._stop_everything()
 
     async def _stop_everything(self) -> None:
         machine = self.vmm.machine
         if machine.stopped is None and machine.vcpus:
-            machine.stop(StopRecord("quit", 0, "the daemon was asked to stop"))
+            machine.stop(StopRecord("quit", 0, "the daemon stopped the guest "
+                                    f"({self._stop_detail})"))
         if machine.vcpus:
             # Joins every vCPU thread: each finishes its access (and its journal
             # commit) before it leaves.
             await self._loop.run_in_executor(None, machine.wait)
+        self._flush_events()  # every committed transition is announced before SHUTDOWN
         self.write_metrics()
-        self.broadcast(event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}))
+        self.broadcast(event("SHUTDOWN", {"guest": False, "reason": self._shutdown_reason}))
         for client in list(self.clients):
             try:
                 await asyncio.wait_for(client.writer.drain(), 1.0)

@@ -54,6 +54,8 @@ class JournalRow:
 class ReadinessJournal:
     """Append-only transition log for VM ``vm_name`` in the SQLite file ``path``.
 
+    ``create=False`` opens an existing journal read-only (``kvmfilter journal``).
+
     Raises:
         JournalError: the file cannot be created or written, or is not a
             kvmfilter journal (checked here, before any guest runs).
@@ -65,10 +67,14 @@ class ReadinessJournal:
         if not create and not os.path.exists(path):
             raise JournalError(path, "no such file")
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                       timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            if create:
+                self._db = sqlite3.connect(path, check_same_thread=False,
+                                           isolation_level=None, timeout=10.0)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+            else:  # reading only: never write to (or need write access to) the file
+                self._db = sqlite3.connect(f"file:{_quote_uri(path)}?mode=ro", uri=True,
+                                           check_same_thread=False, timeout=10.0)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
                 raise JournalError(path, f"schema version {version}, expected {SCHEMA_VERSION}")
@@ -88,11 +94,20 @@ class ReadinessJournal:
         self._lock = threading.Lock()
 
     def record(self, t: Transition) -> None:
-        """Append one transition and commit it (fsync'd: synchronous=FULL)."""
-        with self._lock:
-            self._db.execute("INSERT INTO transitions (vm, vcpu, old, new, time) "
-                             "VALUES (?, ?, ?, ?, ?)",
-                             (self.vm_name, t.vcpu, t.old, t.new, t.time))
+        """Append one transition and commit it (fsync'd: synchronous=FULL).
+
+        Raises:
+            JournalError: the commit failed (disk full, database locked ...);
+                nothing was recorded.
+        """
+        try:
+            with self._lock:
+                self._db.execute("INSERT INTO transitions (vm, vcpu, old, new, time) "
+                                 "VALUES (?, ?, ?, ?, ?)",
+                                 (self.vm_name, t.vcpu, t.old, t.new, t.time))
+        except sqlite3.Error as exc:
+            raise JournalError(self.path, f"cannot record a transition: {_reason(exc)}") \
+                from None
 
     def rows(self, vm: str | None = None) -> list[JournalRow]:
         query = "SELECT id, vm, vcpu, old, new, time FROM transitions"
@@ -115,6 +130,11 @@ class ReadinessJournal:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _quote_uri(path: str) -> str:
+    from urllib.parse import quote
+    return quote(os.path.abspath(path))
 
 
 def _reason(exc: sqlite3.Error) -> str:

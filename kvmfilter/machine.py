@@ -382,14 +382,23 @@ class Machine:
             t.start()
 
     def wait(self) -> RunResult:
-        """Block until the VM stops (or the timeout stops it); the result."""
+        """Block until the VM stops (or the timeout stops it); the result.
+
+        Interrupted (Ctrl-C, any exception): the vCPUs are stopped and joined
+        before it propagates, so nothing is unmapped under a running vCPU.
+        """
         deadline = None if self.timeout is None else self._started + self.timeout
-        while not self._all_stopped.wait(0.5 if deadline is None
-                                         else max(0.0, deadline - time.monotonic())):
-            if deadline is not None and time.monotonic() >= deadline:
-                self.stop(StopRecord("timeout", 1,
-                                     f"the guest ran for more than {self.timeout:g} s"))
-                break
+        try:
+            while not self._all_stopped.wait(0.5 if deadline is None
+                                             else max(0.0, deadline - time.monotonic())):
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop(StopRecord("timeout", 1,
+                                         f"the guest ran for more than {self.timeout:g} s"))
+                    break
+        except BaseException:
+            self.stop(StopRecord("interrupted", 1, "the VMM was interrupted"))
+            self._kick_all_until_stopped()
+            raise
         self._kick_all_until_stopped()
         return self.result()
 
@@ -609,6 +618,10 @@ class Machine:
     # -- teardown -------------------------------------------------------------
 
     def close(self) -> None:
+        """Stop and join any vCPU thread still running, then release everything."""
+        if any(t.thread.is_alive() for t in self._threads):
+            self.stop(StopRecord("interrupted", 1, "the machine was closed while running"))
+            self._kick_all_until_stopped()
         for t in self._threads:
             t.vcpu.close()
         self._threads = []

@@ -82,15 +82,16 @@ class MigrationControl:
         self._value = self.initial_value
         self._clock = clock
         self._lock = threading.Lock()
-        self._listeners: list = []  # callables taking a Transition
+        self._recorders: list = []  # callables taking a Transition, before the change
+        self._listeners: list = []  # callables taking a Transition, after it
         self.since = clock()  # when the value last changed (or the VM was created)
-        self.last_writer: int | None = None
         self.accesses: list[dict] = []
         self.accesses_total = 0
         self.verdicts = {OK: 0, GP: 0}
         self.per_vcpu: dict[int, dict[str, int]] = {}
         # Transitions, kept compactly: a guest may toggle the MSR millions of times.
         self._t_vcpu = array("I")
+        self._t_old = array("B")
         self._t_new = array("B")
         self._t_time = array("d")
 
@@ -111,12 +112,19 @@ class MigrationControl:
     def access(self, vcpu: int, op: str, data: int = 0) -> Verdict:
         """Decide one guest access, record it, and notify listeners of a change.
 
-        Listeners run before this returns, so a journal commits a transition
-        before the vCPU that caused it re-enters the guest.
+        A change goes first to the recorders (the journal): if one raises, the
+        exception propagates and nothing changed - the VMM must not complete
+        the guest's write.  Then the value changes and the listeners run.  All
+        of it before this returns, so before the vCPU re-enters the guest.
         """
         with self._lock:
             old = self._value
             verdict = self.decide(op, data, old)
+            transition = None
+            if op == WRMSR and not verdict.gp and verdict.value != old:
+                transition = Transition(vcpu, old, verdict.value, self._clock())
+                for recorder in self._recorders:
+                    recorder(transition)
             self.accesses_total += 1
             self.verdicts[verdict.name] += 1
             counts = self.per_vcpu.get(vcpu)
@@ -128,16 +136,15 @@ class MigrationControl:
                                       "data": data if op == WRMSR
                                       else 0 if verdict.gp else verdict.value,
                                       "verdict": verdict.name})
-            if op == WRMSR and not verdict.gp:
-                self.last_writer = vcpu
-                if verdict.value != old:
-                    self._transition(Transition(vcpu, old, verdict.value, self._clock()))
+            if transition is not None:
+                self._transition(transition)
             return verdict
 
     def _transition(self, t: Transition) -> None:
         self._value = t.new
         self.since = t.time
         self._t_vcpu.append(t.vcpu)
+        self._t_old.append(t.old)
         self._t_new.append(t.new)
         self._t_time.append(t.time)
         log.info("migration_readiness_changed",
@@ -177,9 +184,19 @@ class MigrationControl:
 
     # -- observers ------------------------------------------------------------
 
+    def add_recorder(self, recorder) -> None:
+        """Call ``recorder(transition)`` before every change, in order, under the
+        lock; if it raises, the change does not happen (a journal's commit)."""
+        self._recorders.append(recorder)
+
     def add_listener(self, listener) -> None:
-        """Call ``listener(transition)`` on every change, in order, under the lock."""
+        """Call ``listener(transition)`` after every change, in order, under the lock."""
         self._listeners.append(listener)
+
+    @property
+    def last_changed_by(self) -> int | None:
+        """The vCPU whose write made the last change (None: no change yet)."""
+        return self._t_vcpu[-1] if self._t_vcpu else None
 
     @property
     def value(self) -> int:
@@ -196,12 +213,8 @@ class MigrationControl:
 
     def transitions(self) -> list[Transition]:
         with self._lock:
-            out = []
-            old = self.initial_value
-            for vcpu, new, t in zip(self._t_vcpu, self._t_new, self._t_time):
-                out.append(Transition(vcpu, old, new, t))
-                old = new
-            return out
+            return [Transition(*row) for row in
+                    zip(self._t_vcpu, self._t_old, self._t_new, self._t_time)]
 
     def blocked_reasons(self) -> list[str]:
         """Why the guest may not be live-migrated now; empty when it may."""

@@ -66,6 +66,7 @@ def run_micro(kvm: Kvm, image: bytes, setup: Callable[[Vm], None] = lambda vm: N
                 return _drive(vcpu, answer)
             finally:
                 timer.cancel()
+                timer.join()  # a kick already under way must land before we go on
                 vcpu.run_page.immediate_exit = 0
 
 

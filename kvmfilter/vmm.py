@@ -192,7 +192,7 @@ class Vmm:
         self.control = MigrationControl(advertised=options.migration_control,
                                         encrypted_memory=not options.plain_memory)
         if self.journal is not None:
-            self.control.add_listener(self.journal.record)
+            self.control.add_recorder(self.journal.record)
         self.page_map = PageMap(tracking=not options.plain_memory)
         self.machine = Machine(
             kvm, image, memory_size=options.memory, vcpus=options.vcpus,

@@ -1,7 +1,6 @@
 """The installed `kvmfilter` command on real KVM, as a user runs it."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,10 +9,14 @@ import pytest
 from conftest import TEST_GUESTS
 
 
+def kvmfilter_cmd() -> list:
+    exe = os.path.join(os.path.dirname(sys.executable), "kvmfilter")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "kvmfilter.cli"]
+
+
 def kvmfilter(*args, timeout=60):
-    exe = shutil.which("kvmfilter") or None
-    cmd = [exe] if exe else [sys.executable, "-m", "kvmfilter.cli"]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(kvmfilter_cmd() + list(args), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,9 +17,15 @@ from kvmfilter.journal import ReadinessJournal
 TOGGLE = bytes.fromhex("66b9084d564b" "6631d2" "66b801000000" "0f30" "6631c0" "0f30" "ebf1")
 
 
-def kvmfilter_cmd():
-    exe = os.path.join(os.path.dirname(sys.executable), "kvmfilter")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "kvmfilter.cli"]
+from test_cli_kvm import kvmfilter_cmd
+
+
+def poll(check, timeout=15.0, interval=0.05):
+    """Wait until check() is true (generous: these hosts are slow and noisy)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(interval)
 
 
 class DaemonProcess:
@@ -112,8 +117,8 @@ def test_events_arrive_in_order_at_every_client(daemon):
     seen = [[] for _ in clients]
 
     def collect(i, c):
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 15
+        while len(seen[i]) < 6 and time.monotonic() < deadline:
             msg = c.read()
             if msg.get("event") == "MIGRATION_READINESS_CHANGED":
                 seen[i].append((msg["data"]["from"], msg["data"]["to"], msg["data"]["time"]))
@@ -145,16 +150,15 @@ def test_stop_parks_the_guest_and_cont_resumes(daemon):
         assert (during["accesses"], during["transitions"]) == (before["accesses"],
                                                                before["transitions"])
         assert c.execute("cont") == {"return": {}}
-        time.sleep(0.6)
-        after = c.execute("query-migration-readiness")["return"]
-        assert after["transitions"] > before["transitions"]
+        poll(lambda: c.execute("query-migration-readiness")["return"]["transitions"]
+             > before["transitions"])
         kinds = [e["event"] for e in c.events]
         assert "STOP" in kinds and "RESUME" in kinds
         assert kinds.index("STOP") < kinds.index("RESUME")
 
 
 def test_metrics_file(daemon):
-    time.sleep(0.5)
+    poll(lambda: os.path.exists(daemon.metrics))
     with open(daemon.metrics) as f:
         text = f.read()
     for name in ("kvmfilter_migration_ready", "kvmfilter_migration_blocked",
@@ -204,7 +208,7 @@ def test_many_vanishing_clients_and_one_that_never_reads(daemon):
     started = time.monotonic()
     with daemon.client() as c:
         assert c.execute("query-status")["return"]["status"] == "running"
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0
     hog.close()
     assert daemon.proc.poll() is None
 
@@ -332,3 +336,65 @@ def test_sd_notify(kvm, tmp_path):
             pass
         notify.close()
     assert any("STOPPING=1" in m for m in messages)
+
+
+def test_concurrent_stop_and_cont_keep_a_true_state(daemon):
+    errors = []
+
+    def hammer(command):
+        with daemon.client(timeout=30) as c:
+            for _ in range(8):
+                reply = c.execute(command)
+                if "error" in reply:
+                    errors.append(reply)
+
+    threads = [threading.Thread(target=hammer, args=(cmd,)) for cmd in ("stop", "cont") * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with daemon.client() as c:
+        status = c.execute("query-status")["return"]["status"]
+        if status == "paused":  # then every vCPU really is parked
+            before = c.execute("query-migration-readiness")["return"]["accesses"]
+            time.sleep(0.5)
+            assert c.execute("query-migration-readiness")["return"]["accesses"] == before
+            c.execute("cont")
+        assert c.execute("query-status")["return"]["status"] == "running"
+
+
+def test_a_transition_flood_does_not_starve_clients_or_sigterm(kvm, tmp_path):
+    image = tmp_path / "toggle.bin"
+    image.write_bytes(TOGGLE)
+    # No journal: thousands of transitions a second (the journal's fsync would pace them).
+    sock = str(tmp_path / "flood.sock")
+    p = subprocess.Popen(kvmfilter_cmd() + ["serve", str(image), "--vcpus", "2",
+                                            "--socket", sock,
+                                            "--metrics-file", str(tmp_path / "m.prom")],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        poll(lambda: os.path.exists(sock))
+        time.sleep(1.0)  # let the flood build up
+        started = time.monotonic()
+        with QmpClient(sock, timeout=10) as c:
+            r = c.execute("query-migration-readiness")["return"]
+        assert time.monotonic() - started < 5.0
+        assert r["transitions"] > 100
+        started = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+        assert time.monotonic() - started < 5.0
+        assert not os.path.exists(sock)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_unbindable_socket_path_is_a_clear_error(kvm, tmp_path):
+    for path in (str(tmp_path / "no" / "such" / "dir.sock"), "/tmp/" + "x" * 120):
+        p = subprocess.run(kvmfilter_cmd() + ["serve", "--socket", path],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and "kvmfilter: error:" in p.stderr

@@ -1,6 +1,9 @@
 """The machine on real /dev/kvm: console, debug exit, HLT, triple fault,
 timeouts that win over a spinning KVM_RUN, unknown ports, garbage images."""
-import os
+import random
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -61,7 +64,7 @@ def test_timeout_with_many_spinning_vcpus(kvm):
     started = time.monotonic()
     r = run_image(kvm, b"\xeb\xfe", vcpus=4, timeout=0.5)  # jmp .
     assert r.exit.reason == "timeout"
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 0.5 + 2.5  # set-up of 4 vCPUs included
 
 
 def test_every_unknown_port_is_counted_never_fatal(kvm):
@@ -88,10 +91,25 @@ def test_console_is_bounded(kvm):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_bytes_always_end_in_a_valid_report(kvm, seed):
-    image = os.urandom(4096) if seed else bytes(4096)
+    image = random.Random(seed).randbytes(4096) if seed else bytes(4096)
     with Vmm(None, RunOptions(timeout=1.0), image=image, label=f"<random {seed}>") as v:
         v.run(kvm)
         report = v.report()
     assert report["exit"]["reason"] in {"hlt", "debug_exit", "shutdown", "timeout",
                                         "internal_error", "fail_entry", "unhandled"}
     assert isinstance(report["ok"], bool)
+
+
+def test_ctrl_c_during_a_run_is_a_clean_exit(kvm):
+    """SIGINT while a vCPU spins in KVM_RUN: vCPUs are joined before anything is
+    unmapped, then one line and exit 130 (not a crash)."""
+    from test_cli_kvm import kvmfilter_cmd
+    from conftest import TEST_GUESTS
+    p = subprocess.Popen(kvmfilter_cmd() + ["run", str(TEST_GUESTS / "vmcall.bin"),
+                                            "--timeout", "30"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err

@@ -94,7 +94,7 @@ def test_journal_command(capsys, tmp_path):
     path = str(tmp_path / "j.db")
     mc = MigrationControl()
     with ReadinessJournal(path, "web-1") as j:
-        mc.add_listener(j.record)
+        mc.add_recorder(j.record)
         mc.access(0, WRMSR, 1)
         mc.access(1, WRMSR, 0)
     code, out, _ = invoke(capsys, "journal", path, "--json")

@@ -56,12 +56,12 @@ def test_socket_path_rules(tmp_path):
     daemon.claim_socket_path(str(tmp_path / "free.sock"))  # nothing there: fine
     regular = tmp_path / "file"
     regular.write_text("x")
-    with pytest.raises(daemon.SocketInUse, match="not a socket"):
+    with pytest.raises(daemon.SocketError, match="not a socket"):
         daemon.claim_socket_path(str(regular))
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(str(tmp_path / "live.sock"))
     live.listen()
-    with pytest.raises(daemon.SocketInUse, match="another live"):
+    with pytest.raises(daemon.SocketError, match="another live"):
         daemon.claim_socket_path(str(tmp_path / "live.sock"))
     live.close()  # the file remains: stale now
     daemon.claim_socket_path(str(tmp_path / "live.sock"))
@@ -74,3 +74,8 @@ def test_example_unit_is_hardened_and_runs_serve():
     for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "DeviceAllow=/dev/kvm rw",
                     "RestrictAddressFamilies=AF_UNIX", "CapabilityBoundingSet="):
         assert setting in unit
+
+
+def test_socket_path_too_long(tmp_path):
+    with pytest.raises(daemon.SocketError, match="at most 107 bytes"):
+        daemon.claim_socket_path("/tmp/" + "x" * 200)

@@ -110,7 +110,7 @@ def test_msr_exits_go_to_the_policy(vmm):
     run.msr.index = lib.MSR_KVM_MIGRATION_CONTROL
     run.msr.data = 1
     assert vmm.machine.dispatch(2, run) == CONTINUE
-    assert run.msr.error == 0 and vmm.control.ready and vmm.control.last_writer == 2
+    assert run.msr.error == 0 and vmm.control.ready and vmm.control.last_changed_by == 2
     run.msr.data = 4
     vmm.machine.dispatch(2, run)
     assert run.msr.error == 1

@@ -59,3 +59,21 @@ def test_record_bulk_counts_like_access():
     assert mc.verdicts == {"ok": 5, "gp": 3}
     assert mc.per_vcpu == {2: {RDMSR: 3, WRMSR: 5}}
     assert mc.accesses == []  # the in-order log holds only what access() saw
+
+
+def test_enabled_fast_path_services_what_changes_nothing():
+    mc = MigrationControl(advertised=True, encrypted_memory=False)  # value 1
+    fast = MsrFastPath(0x4B564D08)
+    with mc.lock:
+        fast.publish(**mc.fast_rules())
+    assert c_decide(fast, RDMSR, 0) == (0, 1)       # a read: the value
+    assert c_decide(fast, WRMSR, 1)[0] == 0         # a write of the current value
+    assert c_decide(fast, WRMSR, 2)[0] == 1         # a reserved bit: #GP
+    assert c_decide(fast, WRMSR, 1 << 40)[0] == 1
+    assert c_decide(fast, WRMSR, 0)[0] == -1        # a change: Python decides
+    mc_off = MigrationControl(advertised=False)
+    fast_off = MsrFastPath(0x4B564D08)
+    with mc_off.lock:
+        fast_off.publish(**mc_off.fast_rules())
+    assert [c_decide(fast_off, op, d)[0] for op, d in ((RDMSR, 0), (WRMSR, 0), (WRMSR, 1))] \
+        == [1, 1, 1]

@@ -11,7 +11,7 @@ def test_transitions_round_trip(tmp_path):
     path = str(tmp_path / "j.db")
     mc = MigrationControl()
     with ReadinessJournal(path, "vm-a") as j:
-        mc.add_listener(j.record)
+        mc.add_recorder(j.record)
         for data in (1, 1, 0, 2, 1):
             mc.access(3, WRMSR, data)
     with ReadinessJournal(path, create=False) as j:
@@ -28,7 +28,7 @@ def test_many_vms_one_file(tmp_path):
     for name in ("a", "b"):
         mc = MigrationControl()
         with ReadinessJournal(path, name) as j:
-            mc.add_listener(j.record)
+            mc.add_recorder(j.record)
             mc.access(0, WRMSR, 1)
     with ReadinessJournal(path, create=False) as j:
         assert [r.vm for r in j.rows()] == ["a", "b"]
@@ -39,7 +39,7 @@ def test_committed_before_access_returns(tmp_path):
     path = str(tmp_path / "j.db")
     mc = MigrationControl()
     with ReadinessJournal(path, "vm") as j:
-        mc.add_listener(j.record)
+        mc.add_recorder(j.record)
         mc.access(0, WRMSR, 1)
         # Another connection (another process after a crash) already sees it.
         other = sqlite3.connect(path)

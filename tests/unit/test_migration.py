@@ -34,7 +34,7 @@ def test_protocol_walk():
     assert mc.access(0, WRMSR, 1 << 32 | 1).gp
     assert mc.value == 1  # unchanged by the faulting writes
     assert not mc.access(1, WRMSR, 0).gp  # revoke, from another vCPU
-    assert not mc.ready and mc.last_writer == 1
+    assert not mc.ready and mc.last_changed_by == 1
     assert mc.access(0, RDMSR).value == 0
     mc.access(0, WRMSR, 1)
     assert [(t.vcpu, t.old, t.new) for t in mc.transitions()] == [(0, 0, 1), (1, 1, 0), (0, 0, 1)]
@@ -157,3 +157,28 @@ def test_policy_matches_the_written_rule(advertised, encrypted, accesses):
     assert [(t.vcpu, t.old, t.new) for t in mc.transitions()] == changes
     assert mc.ready == (advertised and value == 1)
     assert mc.accesses_total == len(accesses)
+
+
+def test_a_failing_recorder_leaves_everything_unchanged():
+    mc = MigrationControl()
+    heard = []
+    mc.add_listener(heard.append)
+
+    def full_disk(t):
+        raise OSError(28, "No space left on device")
+
+    mc.add_recorder(full_disk)
+    with pytest.raises(OSError):
+        mc.access(0, WRMSR, 1)
+    assert mc.value == 0 and mc.transitions() == [] and heard == []
+    assert mc.access(0, RDMSR).value == 0  # accesses that change nothing still work
+    assert mc.access(0, WRMSR, 0).gp is False
+
+
+def test_recorders_run_before_listeners_and_see_the_old_value():
+    mc = MigrationControl()
+    order = []
+    mc.add_listener(lambda t: order.append(("listener", mc.value)))
+    mc.add_recorder(lambda t: order.append(("recorder", mc.value)))
+    mc.access(0, WRMSR, 1)
+    assert order == [("recorder", 0), ("listener", 1)]
