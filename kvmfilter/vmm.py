@@ -185,14 +185,8 @@ class Vmm:
         if image is None:
             image, label = load_image(options.image)
         self.label = label or "<bytes>"
-        self.journal = None
-        if options.journal:
-            from .journal import ReadinessJournal  # sqlite3 costs start-up time
-            self.journal = ReadinessJournal(options.journal, options.name)
         self.control = MigrationControl(advertised=options.migration_control,
                                         encrypted_memory=not options.plain_memory)
-        if self.journal is not None:
-            self.control.add_recorder(self.journal.record)
         self.page_map = PageMap(tracking=not options.plain_memory)
         self.machine = Machine(
             kvm, image, memory_size=options.memory, vcpus=options.vcpus,
@@ -211,6 +205,13 @@ class Vmm:
         self.powerdown_requested = False
         self.machine.add_port_handler(POWER_BUTTON_PORT, self._power_button)
         self.result: Optional[RunResult] = None
+        # Last, so a bad option above leaves nothing open.  Still before any
+        # guest runs: an unusable journal is refused up front.
+        self.journal = None
+        if options.journal:
+            from .journal import ReadinessJournal  # sqlite3 costs start-up time
+            self.journal = ReadinessJournal(options.journal, options.name)
+            self.control.add_recorder(self.journal.record)
 
     def _power_button(self, vcpu: int, ex) -> Optional[bytes]:
         return None if ex.is_out else (b"\x01" if self.powerdown_requested else b"\x00")
