@@ -1,6 +1,9 @@
 """`kvmfilter serve` as a real process with a real guest, over its real socket."""
 import json
 import os
+import pathlib
+import shutil
+import tempfile
 import signal
 import socket
 import stat
@@ -18,6 +21,15 @@ TOGGLE = bytes.fromhex("66b9084d564b" "6631d2" "66b801000000" "0f30" "6631c0" "0
 
 
 from test_cli_kvm import kvmfilter_cmd
+
+
+@pytest.fixture
+def tmp_path():
+    """A short directory: a Unix socket path holds at most 107 bytes, and
+    pytest's own tmp_path (with the test's name in it) can come close."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="kvmf-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def poll(check, timeout=15.0, interval=0.05):
