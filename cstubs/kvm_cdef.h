@@ -174,9 +174,12 @@ struct kvmf_msr_fast {
     uint32_t read_gp; uint32_t write_all_gp; uint64_t write_gp_mask;
 };
 struct kvmf_fast_counts { uint64_t read_ok; uint64_t read_gp; uint64_t write_ok; uint64_t write_gp; };
+struct kvmf_console { uint32_t port; uint32_t capacity; uint32_t length; uint32_t exits; char *buffer; };
 int kvmf_fast_decide(struct kvmf_msr_fast *f, int is_write, uint64_t data, uint64_t *out);
+int kvmf_console_out(struct kvm_run *run, struct kvmf_console *con);
 int kvmf_run_fast(int vcpu_fd, struct kvm_run *run, struct kvmf_msr_fast *f,
-                  struct kvmf_fast_counts *counts, uint32_t budget);
+                  struct kvmf_fast_counts *counts, struct kvmf_console *con,
+                  uint32_t budget);
 
 /* ---- benchmark baseline ---- */
 long kvmf_bench_c_loop(int vcpu_fd, struct kvm_run *run, uint32_t index);

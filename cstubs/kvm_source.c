@@ -107,6 +107,17 @@ struct kvmf_fast_counts {
     uint64_t read_ok, read_gp, write_ok, write_gp;
 };
 
+/* The console port's OUTs, collected per vCPU for Python to drain in order:
+ * a guest prints one byte per exit, and each would otherwise cost a trip
+ * through Python. */
+struct kvmf_console {
+    uint32_t port;
+    uint32_t capacity;
+    uint32_t length;       /* bytes in buffer */
+    uint32_t exits;        /* OUT exits collected */
+    char *buffer;
+};
+
 /* -1: Python must decide.  0: ok (for a read, *out = the value).  1: #GP. */
 static int kvmf_fast_decide(struct kvmf_msr_fast *f, int is_write, uint64_t data,
                             uint64_t *out)
@@ -124,16 +135,36 @@ static int kvmf_fast_decide(struct kvmf_msr_fast *f, int is_write, uint64_t data
     return data == __atomic_load_n(&f->value, __ATOMIC_ACQUIRE) ? 0 : -1;
 }
 
+/* Collect a console OUT; 0 if it is not one or does not fit (Python takes it). */
+static int kvmf_console_out(struct kvm_run *run, struct kvmf_console *con)
+{
+    if (con == NULL || run->io.direction != KVM_EXIT_IO_OUT || run->io.port != con->port)
+        return 0;
+    uint32_t n = (uint32_t)run->io.size * run->io.count;
+    if (n > con->capacity - con->length)
+        return 0;
+    memcpy(con->buffer + con->length, (char *)run + run->io.data_offset, n);
+    con->length += n;
+    con->exits++;
+    return 1;
+}
+
 /* KVM_RUN until an exit Python must see (returns 0), `budget` fast exits have
  * been serviced (returns 1, so Python can drain the counts), or KVM_RUN fails
  * (-errno; EINTR when kicked).  The GIL is released for all of it. */
 static int kvmf_run_fast(int vcpu_fd, struct kvm_run *run, struct kvmf_msr_fast *f,
-                         struct kvmf_fast_counts *counts, uint32_t budget)
+                         struct kvmf_fast_counts *counts, struct kvmf_console *con,
+                         uint32_t budget)
 {
     while (budget--) {
         if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
             return -errno;
         uint32_t reason = run->exit_reason;
+        if (reason == KVM_EXIT_IO) {
+            if (kvmf_console_out(run, con))
+                continue;
+            return 0;
+        }
         if ((reason != KVM_EXIT_X86_WRMSR && reason != KVM_EXIT_X86_RDMSR)
             || run->msr.index != f->index)
             return 0;

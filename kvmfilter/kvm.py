@@ -308,14 +308,15 @@ class Vcpu(_Fd):
     def set_sregs(self, sregs) -> None:
         _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_SREGS, sregs), "KVM_SET_SREGS")
 
-    def run_fast(self, fast, counts, budget: int) -> bool:
-        """KVM_RUN in C with the MSR fast path (cstubs/kvm_source.c).
+    def run_fast(self, fast, counts, console, budget: int) -> bool:
+        """KVM_RUN in C with the MSR and console fast paths (cstubs/kvm_source.c).
 
         Returns True when an exit awaits Python in the run page, False when
         ``budget`` fast exits were serviced in C.  EINTR as in ``run()``.
+        ``console`` may be ``ffi.NULL``.
         """
         while True:
-            r = lib.kvmf_run_fast(self.fd, self.run_page, fast, counts, budget)
+            r = lib.kvmf_run_fast(self.fd, self.run_page, fast, counts, console, budget)
             if r >= 0:
                 return r == 0
             if r == -_errno.EINTR:

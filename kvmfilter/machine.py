@@ -42,6 +42,7 @@ CONSOLE_PORT = 0xE9
 DEBUG_EXIT_PORT = 0xF4
 CONSOLE_LIMIT = 1 << 20  # bytes kept; the rest is counted as dropped
 PORTS_LOGGED = 8  # distinct unknown ports logged; every access is still counted
+CONSOLE_CHUNK = 4096  # console bytes a vCPU collects in C before Python takes them
 
 # Capabilities every Machine needs, with why (kvmtool's one named table).
 REQUIRED_CAPS = {
@@ -485,18 +486,27 @@ class Machine:
         run = vcpu.run_page
         counts = vt.exits
         dispatch = self.dispatch
-        if self._fast is not None:
-            fast, handler = self._fast
+        if self.fast_path:
+            # The C loop: the MSR fast path (when a handler offers one; else a
+            # disabled rule set) and the console port's OUTs.
+            fast, handler = self._fast or (MsrFastPath(0), None)
             fast_struct = fast.struct
             fast_counts = ffi.new("struct kvmf_fast_counts *")
+            console_buffer = ffi.new("char[]", CONSOLE_CHUNK)
+            console = ffi.new("struct kvmf_console *", {
+                "port": CONSOLE_PORT, "capacity": CONSOLE_CHUNK, "buffer": console_buffer})
         while self._stop is None:
             if self._pause_requested.is_set():
                 self._park(vt)
                 continue
-            if self._fast is None:
+            if not self.fast_path:
                 vcpu.run()
             else:
-                pending = vcpu.run_fast(fast_struct, fast_counts, MsrFastPath.BUDGET)
+                pending = vcpu.run_fast(fast_struct, fast_counts, console, MsrFastPath.BUDGET)
+                if console.length:  # first: a pending console exit prints after these
+                    self._console_append(ffi.buffer(console_buffer, console.length)[:])
+                    counts["io"] = counts.get("io", 0) + console.exits
+                    console.length = console.exits = 0
                 c = fast_counts
                 if c.read_ok or c.read_gp or c.write_ok or c.write_gp:
                     reads, writes = c.read_ok + c.read_gp, c.write_ok + c.write_gp
@@ -602,11 +612,14 @@ class Machine:
     def _console_out(self, vcpu_id: int, ex: IoExit) -> None:
         if not ex.is_out:
             return b"\xff"
-        with self._console_lock:
-            room = self.console_limit - len(self._console)
-            self._console += ex.data[:max(room, 0)]
-            self._console_dropped += max(len(ex.data) - max(room, 0), 0)
+        self._console_append(ex.data)
         return None
+
+    def _console_append(self, data: bytes) -> None:
+        with self._console_lock:
+            room = max(self.console_limit - len(self._console), 0)
+            self._console += data[:room]
+            self._console_dropped += max(len(data) - room, 0)
 
     def _debug_exit(self, vcpu_id: int, ex: IoExit) -> None:
         if not ex.is_out:

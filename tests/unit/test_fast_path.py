@@ -77,3 +77,25 @@ def test_enabled_fast_path_services_what_changes_nothing():
         fast_off.publish(**mc_off.fast_rules())
     assert [c_decide(fast_off, op, d)[0] for op, d in ((RDMSR, 0), (WRMSR, 0), (WRMSR, 1))] \
         == [1, 1, 1]
+
+
+def test_console_collection_in_c():
+    from kvmfilter.exits import RunPageBuffer
+    page = RunPageBuffer()
+    run = page.run
+    buf = ffi.new("char[]", 8)
+    con = ffi.new("struct kvmf_console *", {"port": 0xE9, "capacity": 8, "buffer": buf})
+
+    def out(port, data, direction=lib.KVM_EXIT_IO_OUT):
+        run.exit_reason = lib.KVM_EXIT_IO
+        run.io.direction, run.io.size, run.io.port = direction, 1, port
+        run.io.count, run.io.data_offset = len(data), page.IO_DATA_OFFSET
+        ffi.memmove(ffi.cast("char *", run) + page.IO_DATA_OFFSET, data, len(data))
+        return lib.kvmf_console_out(run, con)
+
+    assert out(0xE9, b"hello") == 1
+    assert out(0x80, b"x") == 0                              # another port: Python's
+    assert out(0xE9, b"x", lib.KVM_EXIT_IO_IN) == 0          # an IN: Python's
+    assert out(0xE9, b"world") == 0                          # does not fit: Python's
+    assert out(0xE9, b"!!!") == 1
+    assert ffi.buffer(buf, con.length)[:] == b"hello!!!" and con.exits == 2
