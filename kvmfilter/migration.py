@@ -99,12 +99,12 @@ class MigrationControl:
 
     def decide(self, op: str, data: int, value: int) -> Verdict:
         """The rule alone: no state, no record.  ``value`` is the current value."""
+        if op != WRMSR and op != RDMSR:
+            raise ValueError(f"op must be {RDMSR!r} or {WRMSR!r}, not {op!r}")
         if not self.advertised:
             return Verdict(True, value)
         if op == RDMSR:
             return Verdict(False, value)
-        if op != WRMSR:
-            raise ValueError(f"op must be {RDMSR!r} or {WRMSR!r}, not {op!r}")
         if data & ~KVM_MIGRATION_READY:
             return Verdict(True, value)
         return Verdict(False, data)

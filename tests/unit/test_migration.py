@@ -68,8 +68,11 @@ def test_same_value_write_is_not_a_transition():
 
 
 def test_bad_op_is_a_bug():
-    with pytest.raises(ValueError):
-        MigrationControl().access(0, "cpuid", 0)
+    for advertised in (True, False):
+        mc = MigrationControl(advertised=advertised)
+        with pytest.raises(ValueError):
+            mc.access(0, "cpuid", 0)
+        assert mc.accesses_total == 0
 
 
 def test_access_log_is_capped_but_counted():
