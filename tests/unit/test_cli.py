@@ -131,3 +131,28 @@ def test_size_param():
     assert p.convert("512KiB", None, None) == 512 << 10
     assert p.convert("2g", None, None) == 2 << 30
     assert p.convert("4096", None, None) == 4096
+
+
+def test_dev_kvm_without_a_driver_exits_4_with_a_hint(capsys, tmp_path, monkeypatch):
+    # A character device whose major (240: local/experimental use) has no driver
+    # behind it: open() fails with ENXIO, as /dev/kvm does when no backend loaded.
+    import os
+    import stat
+    node = tmp_path / "kvm"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(240, 0))
+    except PermissionError:
+        pytest.skip("creating a device node needs CAP_MKNOD (run as root)")
+    monkeypatch.setenv("KVMFILTER_DEV_KVM", str(node))
+    code, _, err = invoke(capsys, "probe")
+    assert code == 4
+    assert "No such device or address" in err and "no KVM backend" in err
+
+
+def test_every_open_failure_has_a_remedy():
+    import errno
+    from kvmfilter.kvm import _OPEN_HINTS, KvmError
+    for err in (errno.ENOENT, errno.EACCES, errno.ENODEV, errno.ENXIO, errno.EPERM):
+        assert _OPEN_HINTS[err]
+    message = str(KvmError(errno.EACCES, "open /dev/kvm", _OPEN_HINTS[errno.EACCES]))
+    assert "Permission denied" in message and "kvm' group" in message
