@@ -41,11 +41,3 @@ def with_pv_features(entries: Iterable[CpuidEntry], set_bits: int,
     return [e._replace(eax=(e.eax | set_bits) & ~clear_bits & 0xFFFF_FFFF)
             if e.function == lib.KVM_CPUID_FEATURES else e
             for e in entries]
-
-
-def pv_features(entries: Iterable[CpuidEntry]) -> int:
-    """KVM_CPUID_FEATURES.EAX of a table (0 when the leaf is absent)."""
-    for e in entries:
-        if e.function == lib.KVM_CPUID_FEATURES:
-            return e.eax
-    return 0

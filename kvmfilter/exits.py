@@ -170,7 +170,6 @@ class HypercallReply(namedtuple("HypercallReply", "ret")):
     __slots__ = ()
 
 
-MSR_OK = MsrReply(False)
 MSR_GP = MsrReply(True)
 
 

@@ -26,7 +26,7 @@ from .kvm import GuestMemory, Kvm, KvmError, Vcpu, Vm
 from .msr_filter import READ, WRITE, MsrFilter
 
 if TYPE_CHECKING:
-    from typing import Callable, Optional
+    from typing import Optional
 
 log = logging.getLogger("kvmfilter.machine")
 
@@ -132,7 +132,7 @@ class StopRecord(namedtuple("StopRecord", "reason code detail vcpu", defaults=(0
 
 
 class RunResult(namedtuple("RunResult", "exit console console_dropped exits unhandled_ports "
-                                        "vcpu_exits elapsed_s")):
+                                        "elapsed_s")):
     """What a run produced: the StopRecord, console text, exit counts by name."""
     __slots__ = ()
 
@@ -185,7 +185,6 @@ class _VcpuThread:
         self.machine = machine
         self.vcpu = vcpu
         self.exits: dict = {}
-        self.halted = False
         self.parked = threading.Event()
         self._alive = False
         self._alive_lock = threading.Lock()
@@ -223,8 +222,7 @@ class Machine:
 
     def __init__(self, kvm: Kvm | None, image: bytes, *, memory_size: int = DEFAULT_MEMORY,
                  vcpus: int = 1, timeout: Optional[float] = DEFAULT_TIMEOUT,
-                 pv_features: int = 0, before_first_run: Callable[[Vm], None] | None = None,
-                 fast_path: bool = True, console_limit: int = CONSOLE_LIMIT):
+                 pv_features: int = 0, fast_path: bool = True, console_limit: int = CONSOLE_LIMIT):
         validate_image(image)
         validate_memory(memory_size)
         if not 1 <= vcpus <= MAX_VCPUS:
@@ -237,7 +235,6 @@ class Machine:
         self.nvcpus = vcpus
         self.timeout = timeout
         self.pv_features = pv_features
-        self._before_first_run = before_first_run
         self.msr_handlers: dict[int, MsrHandler] = {}
         self.fast_path = fast_path
         self.console_limit = console_limit
@@ -278,7 +275,7 @@ class Machine:
             handler.attach_fast_path(fast)
             self._fast = (fast, handler)
 
-    def add_port_handler(self, port: int, handler: handler) -> None:
+    def add_port_handler(self, port: int, handler) -> None:
         if self._ran:
             raise RuntimeError("handlers must be registered before run()")
         self.port_handlers[port] = handler
@@ -330,8 +327,6 @@ class Machine:
             # a filter, or denied accesses #GP in the kernel.
             vm.enable_cap(lib.KVM_CAP_X86_USER_SPACE_MSR, lib.KVM_MSR_EXIT_REASON_FILTER)
             vm.set_msr_filter(self.msr_filter())
-        if self._before_first_run is not None:
-            self._before_first_run(vm)
         for index in range(self.nvcpus):
             vcpu = vm.create_vcpu(index)
             self._threads.append(_VcpuThread(self, vcpu))
@@ -413,7 +408,6 @@ class Machine:
             console = self._console.decode("utf-8", "replace")
         return RunResult(stop, console, self._console_dropped, exits_total,
                          dict(sorted(self._unhandled_ports.items())),
-                         [dict(t.exits) for t in self._threads],
                          time.monotonic() - self._started)
 
     @property
@@ -426,10 +420,6 @@ class Machine:
     @property
     def vcpus(self) -> list[Vcpu]:
         return [t.vcpu for t in self._threads]
-
-    @property
-    def paused(self) -> bool:
-        return self._pause_requested.is_set()
 
     def pause(self, timeout: float = 5.0) -> bool:
         """Park every vCPU outside the guest; True once all are parked.
@@ -521,7 +511,6 @@ class Machine:
             counts[name] = counts.get(name, 0) + 1
             outcome = dispatch(vcpu.id, run)
             if outcome is not CONTINUE:
-                vt.halted = outcome is HALTED
                 return
 
     def _park(self, vt: _VcpuThread) -> None:

@@ -152,7 +152,6 @@ class MapGpaRange:
     def __init__(self, page_map: PageMap, memory_size: int):
         self.page_map = page_map
         self.memory_size = memory_size
-        self.rejected = 0
         self._lock = threading.Lock()  # PageMap updates are serialized by its user
 
     def __call__(self, vcpu: int, ex: HypercallExit) -> int:
@@ -162,7 +161,6 @@ class MapGpaRange:
         end = gpa + npages * PAGE_SIZE
         if (attrs & _MAP_RESERVED or (attrs & 0xF) not in _MAP_PAGE_SIZES
                 or gpa % PAGE_SIZE or npages == 0 or end > self.memory_size):
-            self.rejected += 1
             log.warning("map_gpa_range_rejected", extra={"vcpu": vcpu, "gpa": gpa,
                                                         "npages": npages, "attrs": attrs})
             return -lib.KVM_EINVAL
