@@ -317,13 +317,8 @@ class Vcpu(_Fd):
         """
         while True:
             r = lib.kvmf_run_fast(self.fd, self.run_page, fast, counts, console, budget)
-            if r >= 0:
-                return r == 0
-            if r == -_errno.EINTR:
-                self.run_page.exit_reason = lib.KVM_EXIT_INTR
-                return True
-            if r != -_errno.EAGAIN:
-                raise KvmError(-r, "KVM_RUN")
+            if self._settled(r):
+                return r != 1
 
     def run(self) -> None:
         """KVM_RUN.  The GIL is released for the duration of the ioctl.
@@ -331,13 +326,16 @@ class Vcpu(_Fd):
         EINTR (a kick signal, or ``immediate_exit``) is not an error: KVM then
         reports KVM_EXIT_INTR in the run page.  EAGAIN is retried.
         """
-        fd = self.fd
-        while True:
-            r = lib.kvmf_run(fd)
-            if r == 0:
-                return
-            if r == -_errno.EINTR:
-                self.run_page.exit_reason = lib.KVM_EXIT_INTR
-                return
-            if r != -_errno.EAGAIN:
-                raise KvmError(-r, "KVM_RUN")
+        while not self._settled(lib.kvmf_run(self.fd)):
+            pass
+
+    def _settled(self, r: int) -> bool:
+        """KVM_RUN's errno policy, in one place: False means "run it again"."""
+        if r >= 0:
+            return True
+        if r == -_errno.EINTR:
+            self.run_page.exit_reason = lib.KVM_EXIT_INTR
+            return True
+        if r == -_errno.EAGAIN:
+            return False
+        raise KvmError(-r, "KVM_RUN")

@@ -21,7 +21,7 @@ from . import exits
 from ._kvm import ffi, lib
 from .cpuid import CpuidEntry, with_pv_features
 from .exits import (HltExit, HypercallExit, HypercallReply, InterruptedExit, IoExit,
-                    MsrExit, MsrReply, ShutdownExit, apply, decode)
+                    MsrExit, MsrReply, ShutdownExit, apply, decode, exit_name)
 from .kvm import GuestMemory, Kvm, KvmError, Vcpu, Vm
 from .msr_filter import READ, WRITE, MsrFilter
 
@@ -123,7 +123,6 @@ class MsrFastPath:
 CONTINUE = "continue"
 HALTED = "halted"
 STOPPED = "stopped"
-_EXIT_NAMES = exits.EXIT_NAMES
 
 
 class StopRecord(namedtuple("StopRecord", "reason code detail vcpu", defaults=(0, None, None))):
@@ -506,8 +505,7 @@ class Machine:
                     c.read_ok = c.read_gp = c.write_ok = c.write_gp = 0
                 if not pending:
                     continue
-            reason = run.exit_reason
-            name = _EXIT_NAMES.get(reason) or exits.exit_name(reason)
+            name = exit_name(run.exit_reason)
             counts[name] = counts.get(name, 0) + 1
             outcome = dispatch(vcpu.id, run)
             if outcome is not CONTINUE:
