@@ -7,6 +7,7 @@ Each feature carries a one-line ``detail`` saying what was seen.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -41,7 +42,25 @@ class MicroOutcome:
     timed_out: bool = False
 
 
-def run_micro(kvm: Kvm, image: bytes, setup: Callable[[Vm], None] = lambda vm: None,
+@contextmanager
+def _micro_vcpu(kvm: Kvm, image: bytes, setup: Callable[[Vm], None] | None = None,
+                pv_features: int = 0):
+    """A one-vCPU real-mode VM with ``image`` loaded (the guest-image contract)."""
+    with kvm.create_vm() as vm, GuestMemory(MICRO_MEMORY) as memory:
+        memory.write(LOAD_ADDRESS, image)
+        vm.set_user_memory_region(0, 0, MICRO_MEMORY, memory.address)
+        if setup is not None:
+            setup(vm)
+        with vm.create_vcpu(0) as vcpu:
+            cpuid = kvm.get_supported_cpuid()
+            if pv_features:
+                cpuid = with_pv_features(cpuid, pv_features)
+            vcpu.set_cpuid2(cpuid)
+            reset_real_mode(vcpu, 0)
+            yield vcpu
+
+
+def run_micro(kvm: Kvm, image: bytes, setup: Callable[[Vm], None] | None = None,
               pv_features: int = 0, timeout: float = 2.0,
               answer: Callable[[object, object], bool] | None = None) -> MicroOutcome:
     """Run a one-vCPU micro-guest until its first exit that is not console output.
@@ -49,25 +68,15 @@ def run_micro(kvm: Kvm, image: bytes, setup: Callable[[Vm], None] = lambda vm: N
     ``answer(run, exit)``, when given, may reply to an exit and return True to
     keep running (e.g. to let the guest see the reply).
     """
-    with kvm.create_vm() as vm, GuestMemory(MICRO_MEMORY) as memory:
-        memory.write(LOAD_ADDRESS, image)
-        vm.set_user_memory_region(0, 0, MICRO_MEMORY, memory.address)
-        setup(vm)
-        with vm.create_vcpu(0) as vcpu:
-            cpuid = kvm.get_supported_cpuid()
-            if pv_features:
-                cpuid = with_pv_features(cpuid, pv_features)
-            vcpu.set_cpuid2(cpuid)
-            reset_real_mode(vcpu, 0)
-            timer = threading.Timer(timeout, kick_vcpu_thread,
-                                    (vcpu, threading.get_ident()))
-            timer.start()
-            try:
-                return _drive(vcpu, answer)
-            finally:
-                timer.cancel()
-                timer.join()  # a kick already under way must land before we go on
-                vcpu.run_page.immediate_exit = 0
+    with _micro_vcpu(kvm, image, setup, pv_features) as vcpu:
+        timer = threading.Timer(timeout, kick_vcpu_thread, (vcpu, threading.get_ident()))
+        timer.start()
+        try:
+            return _drive(vcpu, answer)
+        finally:
+            timer.cancel()
+            timer.join()  # a kick already under way must land before we go on
+            vcpu.run_page.immediate_exit = 0
 
 
 def _drive(vcpu, answer) -> MicroOutcome:
@@ -143,16 +152,11 @@ def _immediate_exit(kvm: Kvm) -> Feature:
     """KVM_RUN with immediate_exit=1 must return EINTR without running the guest."""
     if not kvm.check_extension(lib.KVM_CAP_IMMEDIATE_EXIT):
         return Feature(False, False, "KVM_CHECK_EXTENSION(KVM_CAP_IMMEDIATE_EXIT) is 0")
-    with kvm.create_vm() as vm, GuestMemory(MICRO_MEMORY) as memory:
-        memory.write(LOAD_ADDRESS, b"\xeb\xfe")  # jmp . (spins if entered)
-        vm.set_user_memory_region(0, 0, MICRO_MEMORY, memory.address)
-        with vm.create_vcpu(0) as vcpu:
-            vcpu.set_cpuid2(kvm.get_supported_cpuid())
-            reset_real_mode(vcpu, 0)
-            vcpu.run_page.immediate_exit = 1
-            vcpu.run()
-            reason = vcpu.run_page.exit_reason
-            rip = vcpu.get_regs().rip
+    with _micro_vcpu(kvm, b"\xeb\xfe") as vcpu:  # jmp . (spins if entered)
+        vcpu.run_page.immediate_exit = 1
+        vcpu.run()
+        reason = vcpu.run_page.exit_reason
+        rip = vcpu.get_regs().rip
     ok = exit_name(reason) == "intr" and rip == LOAD_ADDRESS
     return Feature(True, ok, f"KVM_RUN with immediate_exit=1 returned {exit_name(reason)} "
                    f"at RIP {rip:#x} (needed to stop a vCPU that is about to enter)")
@@ -188,15 +192,12 @@ def probe(kvm: Kvm) -> dict:
     """The probe report (design.md, ``kvmfilter probe --json``)."""
     features = {}
     for name, check in (("user_space_msr", _user_space_msr), ("msr_filter", _msr_filter),
-                        ("exit_hypercall", _exit_hypercall)):
+                        ("exit_hypercall", _exit_hypercall),
+                        ("immediate_exit", _immediate_exit)):
         try:
             features[name] = check(kvm).to_json()
         except KvmError as exc:
             features[name] = Feature(True, False, f"{exc}").to_json()
-    try:
-        features["immediate_exit"] = _immediate_exit(kvm).to_json()
-    except KvmError as exc:
-        features["immediate_exit"] = Feature(True, False, f"{exc}").to_json()
     needed = ("user_space_msr", "msr_filter", "immediate_exit")
     return {
         "api_version": kvm.get_api_version(),
