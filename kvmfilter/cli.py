@@ -36,6 +36,19 @@ class SizeParam(click.ParamType):
         return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
+class GuestMemorySize(SizeParam):
+    """A size the machine accepts as guest RAM (checked by machine.validate_memory)."""
+
+    def convert(self, value, param, ctx):
+        from .machine import validate_memory
+        size = super().convert(value, param, ctx)
+        try:
+            validate_memory(size)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return size
+
+
 class Failure(Exception):
     """An error with its exit status, reported on one line without a traceback."""
 
@@ -120,7 +133,7 @@ def run_options(f, timeout_default=10.0):
                      default=timeout_default, show_default=timeout_default is not None,
                      help="Seconds before the VM is stopped (even if KVM_RUN spins)"
                      + ("." if timeout_default is not None else "; default: no limit.")),
-        click.option("--memory", type=SizeParam(), default="1M", show_default=True,
+        click.option("--memory", type=GuestMemorySize(), default="1M", show_default=True,
                      help="Guest RAM (multiple of 4 KiB, 1 MiB .. 1 TiB)."),
         click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True,
                      help="vCPUs; each starts at 0x7C00 with SI = its index."),
@@ -144,13 +157,8 @@ def run_options(f, timeout_default=10.0):
 
 def _options(image, timeout, memory, vcpus, no_migration_control, no_map_gpa_range,
              plain_memory, journal, name):
-    from .machine import validate_memory
     from .vmm import RunOptions
 
-    try:
-        validate_memory(memory)
-    except ValueError as exc:
-        raise Failure(f"--memory: {exc}", EXIT_USAGE) from None
     return RunOptions(image=image, memory=memory, vcpus=vcpus, timeout=timeout,
                       migration_control=not no_migration_control,
                       map_gpa_range=not no_map_gpa_range, plain_memory=plain_memory,
