@@ -101,25 +101,23 @@ class Bench:
     def msr_round_trip(self, insn: str) -> dict:
         n = self.exits
 
-        def marginal(measure, msr, count, **kw):
-            small = msr_loop(msr, insn, count)
-            large = msr_loop(msr, insn, 2 * count)
-            def case():
-                return (measure(large, **kw) - measure(small, **kw)) / count * 1e9
-            return case
-
         trapped = MSR_KVM_MIGRATION_CONTROL
-        python_n = max(1000, n // 4)
-        exits_of = {}
-        for count in (n, 2 * n):
-            exits_of[msr_loop(trapped, insn, count)] = count
-        whole = msr_loop(trapped, insn, n)
+
+        def marginal(measure, count):  # measure(count) -> seconds for `count` exits
+            return lambda: (measure(2 * count) - measure(count)) / count * 1e9
+
+        def vmm(msr, fast_path=True):
+            return lambda count: self._vmm_s(msr_loop(msr, insn, count), fast_path)
+
+        def c_loop(count):
+            return self._c_loop_s(msr_loop(trapped, insn, count), count)
+
         cases = {
-            "kvmfilter": marginal(self._vmm_s, trapped, n),
-            "c_loop": marginal(lambda image: self._c_loop_s(image, exits_of[image]), trapped, n),
-            "in_kernel": marginal(self._vmm_s, MSR_KVM_POLL_CONTROL, n),
-            "kvmfilter_no_fast_path": marginal(self._vmm_s, trapped, python_n, fast_path=False),
-            "kvmfilter_whole_run": lambda: self._vmm_s(whole) / n * 1e9,
+            "kvmfilter": marginal(vmm(trapped), n),
+            "c_loop": marginal(c_loop, n),
+            "in_kernel": marginal(vmm(MSR_KVM_POLL_CONTROL), n),
+            "kvmfilter_no_fast_path": marginal(vmm(trapped, fast_path=False), max(1000, n // 4)),
+            "kvmfilter_whole_run": lambda: vmm(trapped)(n) / n * 1e9,
         }
         samples = self._interleave(cases)
         out = {name: summarize(s, "ns") for name, s in samples.items()}
