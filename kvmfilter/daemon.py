@@ -280,43 +280,38 @@ class Daemon:
 
     @staticmethod
     def _no_arguments(args: dict) -> None:
-        for key in args:
-            raise CommandError(f"Parameter '{key}' is unexpected")
+        """No command takes arguments (yet): QMP's error for any that are given."""
+        if args:
+            raise CommandError(f"Parameter '{next(iter(args))}' is unexpected")
 
-    async def cmd_qmp_capabilities(self, client: Client, args: dict):
+    async def cmd_qmp_capabilities(self, client: Client):
         raise CommandError("Capabilities negotiation is already complete, command ignored",
                            "CommandNotFound")
 
-    async def cmd_query_commands(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_query_commands(self, client: Client):
         return [{"name": name} for name in sorted(self.commands)]
 
-    async def cmd_query_version(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_query_version(self, client: Client):
         return VERSION
 
-    async def cmd_query_status(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_query_status(self, client: Client):
         stop = self.guest_stop
         return {"status": self.status, "running": self.status == "running",
                 "name": self.vmm.options.name, "image": self.vmm.label,
                 "exit": None if stop is None else
                 {"reason": stop.reason, "code": stop.code, "detail": stop.detail}}
 
-    async def cmd_query_migration_readiness(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_query_migration_readiness(self, client: Client):
         c = self.vmm.control
         return {"ready": c.ready, "value": c.value, "advertised": c.advertised,
                 "blocked-reasons": self.vmm.blocked_reasons(), "since": rfc3339(c.since),
                 "transitions": c.transitions_total, "accesses": c.accesses_total,
                 "last-changed-by": c.last_changed_by}
 
-    async def cmd_query_page_map(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_query_page_map(self, client: Client):
         return self.vmm.page_map.snapshot()
 
-    async def cmd_stop(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_stop(self, client: Client):
         async with self._run_state_lock:  # one stop/cont at a time, in order
             self._require_guest()
             if self.paused:
@@ -330,8 +325,7 @@ class Daemon:
             self.write_metrics()
             return {}
 
-    async def cmd_cont(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_cont(self, client: Client):
         async with self._run_state_lock:
             self._require_guest()
             if self.paused:
@@ -341,15 +335,13 @@ class Daemon:
                 self.write_metrics()
             return {}
 
-    async def cmd_system_powerdown(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_system_powerdown(self, client: Client):
         self._require_guest()
         self.vmm.request_powerdown()
         self.broadcast(event("POWERDOWN"))
         return {}
 
-    async def cmd_quit(self, client: Client, args: dict):
-        self._no_arguments(args)
+    async def cmd_quit(self, client: Client):
         self._loop.call_soon(self.shutdown, "quit command")
         return {}
 
@@ -422,7 +414,8 @@ class Daemon:
                 if command is None:
                     raise CommandError(f"The command {name} has not been found",
                                        "CommandNotFound")
-                reply["return"] = await command(client, args)
+                self._no_arguments(args)  # no command takes any (yet)
+                reply["return"] = await command(client)
         except CommandError as exc:
             reply = {"error": {"class": exc.cls, "desc": exc.desc},
                      **({"id": reply["id"]} if "id" in reply else {})}
