@@ -416,13 +416,11 @@ class Daemon:
                                        "CommandNotFound")
                 self._no_arguments(args)  # no command takes any (yet)
                 reply["return"] = await command(client)
-        except CommandError as exc:
-            reply = {"error": {"class": exc.cls, "desc": exc.desc},
-                     **({"id": reply["id"]} if "id" in reply else {})}
         except Exception as exc:  # a bug answers this client; the daemon serves on
-            log.exception("command_failed")
-            reply = {"error": {"class": "GenericError",
-                               "desc": f"internal error: {type(exc).__name__}: {exc}"},
+            if not isinstance(exc, CommandError):
+                log.exception("command_failed")
+                exc = CommandError(f"internal error: {type(exc).__name__}: {exc}")
+            reply = {"error": {"class": exc.cls, "desc": exc.desc},
                      **({"id": reply["id"]} if "id" in reply else {})}
         client.send(reply)
 
