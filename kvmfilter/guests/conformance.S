@@ -32,13 +32,7 @@
  * Build: make guests.  Disassemble:
  *   objdump -D -b binary -m i8086 --adjust-vma=0x7c00 conformance.bin
  */
-    .code16
-    .text
-    .globl _start
-
-    .set MSR_KVM_MIGRATION_CONTROL, 0x4b564d08
-    .set CONSOLE, 0xe9
-    .set DEBUG_EXIT, 0xf4
+#include "contract.inc"
 
 /* Clear `pass` unless the last access did (not) fault / returned \v. */
 .macro EXPECT_NOFAULT

@@ -15,13 +15,7 @@
  * Other vCPUs halt.  If MIGRATION_CONTROL is not advertised (CPUID
  * 0x40000001 bit 17 clear) it prints that and exits with code 1.
  */
-    .code16
-    .text
-    .globl _start
-    .set MSR_KVM_MIGRATION_CONTROL, 0x4b564d08
-    .set CONSOLE, 0xe9
-    .set DEBUG_EXIT, 0xf4
-    .set POWER_BUTTON, 0xf5
+#include "contract.inc"
     .set WORK, 100000
 
 _start:
