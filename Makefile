@@ -10,10 +10,12 @@ STAMP  := $(VENV)/.installed
 GUEST_SRC := $(wildcard kvmfilter/guests/*.S tests/guests/*.S)
 GUEST_BIN := $(GUEST_SRC:.S=.bin)
 GUEST_INC := $(wildcard kvmfilter/guests/*.inc)
+# The guests' shared includes (contract.inc ...), wherever make runs from.
+GUEST_INCLUDE := $(dir $(abspath $(firstword $(MAKEFILE_LIST))))kvmfilter/guests
 
 .PHONY: run test unit bench guests venv clean
 
-$(STAMP): pyproject.toml setup.py kvmfilter/_build.py cstubs/kvm_cdef.h cstubs/kvm_source.c
+$(STAMP): pyproject.toml setup.py cstubs/build.py cstubs/kvm_cdef.h cstubs/kvm_source.c
 	@./.ci/sysdeps
 	@test -e $(PY) || $(PYTHON) -m venv $(VENV) \
 	  || { echo "kvmfilter: '$(PYTHON) -m venv' failed: install python3-venv" >&2; exit 2; }
@@ -40,13 +42,13 @@ bench: $(STAMP)
 # Guest images: flat real-mode binaries linked at 0x7C00.
 guests: $(GUEST_BIN)
 
-$(filter kvmfilter/guests/%,$(GUEST_BIN)): $(GUEST_INC)
+$(GUEST_BIN): $(GUEST_INC)
 
 %.bin: %.S
-	gcc -m32 -c -o $*.o $<
+	gcc -m32 -c -I$(GUEST_INCLUDE) -o $*.o $<
 	ld -m elf_i386 -Ttext 0x7c00 -e _start --build-id=none -o $*.elf $*.o
 	objcopy -O binary -j .text $*.elf $@
 	rm -f $*.o $*.elf
 
 clean:
-	rm -rf $(VENV) build *.egg-info kvmfilter/_kvm*.so
+	rm -rf $(VENV) build dist *.egg-info kvmfilter/kvm/_kvm*.so

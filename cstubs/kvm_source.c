@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
@@ -20,6 +21,20 @@
  * renamed "longmode" to "flags"; older uapi headers lack the define). */
 #ifndef KVM_EXIT_HYPERCALL_LONG_MODE
 #define KVM_EXIT_HYPERCALL_LONG_MODE (1ULL << 0)
+#endif
+
+/* Newer than some uapi headers still in use (values from Linux 6.x). */
+#ifndef KVM_CAP_XSAVE2
+#define KVM_CAP_XSAVE2 208
+#endif
+#ifndef KVM_GET_XSAVE2
+#define KVM_GET_XSAVE2 _IOR(KVMIO, 0xcf, struct kvm_xsave)
+#endif
+#ifndef KVM_CLOCK_REALTIME
+#define KVM_CLOCK_REALTIME (1 << 2)
+#endif
+#ifndef KVM_CLOCK_HOST_TSC
+#define KVM_CLOCK_HOST_TSC (1 << 3)
 #endif
 
 typedef __typeof__(((struct kvm_run *)0)->hw) kvmf_run_hw;
@@ -60,39 +75,103 @@ static int kvmf_close(int fd)
     return close(fd) < 0 ? -errno : 0;
 }
 
-static int kvmf_run(int vcpu_fd)
-{
-    return ioctl(vcpu_fd, KVM_RUN, 0) < 0 ? -errno : 0;
-}
+/* ---- kicking a vCPU out of KVM_RUN ------------------------------------------
+ * A vCPU thread is kicked with a real-time signal (SIGUSR1/2 stay free for the
+ * embedding program) whose handler does nothing; it is installed without
+ * SA_RESTART, so KVM_RUN returns EINTR.  The kicker also sets immediate_exit,
+ * so a kick that lands between two KVM_RUNs is not lost.
+ *
+ * The signal must interrupt KVM_RUN and nothing else: a vCPU thread also
+ * commits to the journal between KVM_RUNs, and a signal there cuts SQLite's
+ * busy-wait sleep short (a 10 s busy timeout became about 1 s).  So, as QEMU
+ * does without immediate_exit, a vCPU thread keeps the kick signal blocked and
+ * KVM_SET_SIGNAL_MASK unblocks it only while the vCPU is in KVM_RUN.  A kick
+ * sent at any other time stays pending, and the next KVM_RUN returns EINTR at
+ * once; the thread then consumes the pending kicks (kvmf_eat_kicks), or every
+ * later KVM_RUN would return EINTR too.
+ */
+#define KVMF_KICK_SIGNAL (SIGRTMIN + 3)
 
 static void kvmf_kick_noop(int sig) { (void)sig; }
 
-/* A vCPU thread is kicked out of KVM_RUN with this signal.  The handler does
- * nothing; what matters is that it is installed without SA_RESTART, so the
- * ioctl returns EINTR.  A real-time signal keeps SIGUSR1/2 free for the
- * embedding program. */
+static int kvmf_eat_kicks(void)
+{
+    sigset_t set;
+    struct timespec zero = {0, 0};
+    int eaten = 0;
+    sigemptyset(&set);
+    sigaddset(&set, KVMF_KICK_SIGNAL);
+    while (sigtimedwait(&set, NULL, &zero) >= 0)
+        eaten++;
+    return eaten;
+}
+
+static int kvmf_run(int vcpu_fd)
+{
+    if (ioctl(vcpu_fd, KVM_RUN, 0) < 0) {
+        int err = errno;
+        if (err == EINTR)
+            kvmf_eat_kicks();
+        return -err;
+    }
+    return 0;
+}
+
 static int kvmf_install_kick_handler(void)
 {
     struct sigaction sa;
-    int sig = SIGRTMIN + 3;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = kvmf_kick_noop;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(sig, &sa, NULL) < 0)
+    if (sigaction(KVMF_KICK_SIGNAL, &sa, NULL) < 0)
         return -errno;
-    return sig;
+    return KVMF_KICK_SIGNAL;
+}
+
+/* Run once on a vCPU thread before its first KVM_RUN (see above). */
+static int kvmf_vcpu_thread_signals(int vcpu_fd)
+{
+    sigset_t blocked, during_run;
+    /* KVM ABI: api.rst, KVM_SET_SIGNAL_MASK: len is the kernel's sigset size,
+     * 8 bytes on x86-64 (the first 64 signals, real-time ones included). */
+    unsigned char buffer[sizeof(struct kvm_signal_mask) + 8];
+    struct kvm_signal_mask *mask = (struct kvm_signal_mask *)buffer;
+    int r = pthread_sigmask(SIG_BLOCK, NULL, &blocked);
+    if (r)
+        return -r;
+    during_run = blocked;
+    sigdelset(&during_run, KVMF_KICK_SIGNAL);
+    mask->len = 8;
+    memcpy(mask->sigset, &during_run, 8);
+    if (ioctl(vcpu_fd, KVM_SET_SIGNAL_MASK, mask) < 0)
+        return -errno;
+    sigaddset(&blocked, KVMF_KICK_SIGNAL);
+    r = pthread_sigmask(SIG_SETMASK, &blocked, NULL);
+    return r ? -r : 0;
 }
 
 /* ---- the MSR fast path ----------------------------------------------------
  * Most accesses to the migration-control MSR change nothing: a read, a write
  * of the current value, a write the policy rejects whatever the value.  The
- * policy (Python, kvmfilter/migration.py) publishes those verdicts here as
- * rules; this loop applies them without leaving C, and returns to Python for
- * everything else - above all for every write that would change the value, so
- * the policy alone decides transitions and the journal commits them before
- * the vCPU re-enters.  `value` and `enabled` are shared by all vCPUs of a VM
- * and written by Python under the policy's lock; the counts are per vCPU and
- * drained by that vCPU's thread.
+ * policy (kvmfilter/policy/readiness.py) publishes those verdicts here as
+ * rules (kvmfilter/kvm/fastpath.py); kvmf_fast_service applies them without
+ * leaving C, and hands everything else back to Python - above all every write
+ * that would change the value, so the policy alone decides transitions and
+ * the journal commits them before the vCPU re-enters.
+ *
+ * Memory ordering (x86-TSO): Python writes `value` and `enabled` under the
+ * policy's lock; a vCPU thread here reads them without it.  Python publishes
+ * with enabled=0, the rules, then enabled=1; TSO keeps stores in program order
+ * and loads in program order, and the acquire loads below stop the compiler
+ * from reordering, so a reader that sees enabled=1 sees the rules written
+ * before it.  `value` may change under a reader (another vCPU's transition):
+ * the reader then answers with the value just before or just after that write,
+ * which is what the guest could have seen anyway.
+ *
+ * The counts are per vCPU, written only by that vCPU's thread and never reset:
+ * Python reads them live (queries, metrics) while the vCPU runs.  Aligned
+ * 64-bit stores and loads are atomic on x86-64; the relaxed atomic stores
+ * keep the compiler from tearing or caching them.
  */
 struct kvmf_msr_fast {
     uint32_t index;          /* the MSR this applies to */
@@ -109,7 +188,8 @@ struct kvmf_fast_counts {
 
 /* The console port's OUTs, collected per vCPU for Python to drain in order:
  * a guest prints one byte per exit, and each would otherwise cost a trip
- * through Python. */
+ * through Python.  port > 0xffff collects nothing (the port table gave the
+ * console port to another device). */
 struct kvmf_console {
     uint32_t port;
     uint32_t capacity;
@@ -117,6 +197,8 @@ struct kvmf_console {
     uint32_t exits;        /* OUT exits collected */
     char *buffer;
 };
+
+#define KVMF_COUNT(c) __atomic_store_n(&(c), (c) + 1, __ATOMIC_RELAXED)
 
 /* -1: Python must decide.  0: ok (for a read, *out = the value).  1: #GP. */
 static int kvmf_fast_decide(struct kvmf_msr_fast *f, int is_write, uint64_t data,
@@ -149,38 +231,51 @@ static int kvmf_console_out(struct kvm_run *run, struct kvmf_console *con)
     return 1;
 }
 
+/* Service the exit in `run` if the rules cover it: 1 = done (the reply is in
+ * the run page; re-enter), 0 = Python must handle it.  The replies follow the
+ * same rules as kvmfilter.kvm.exits.apply: the two are tested against each
+ * other on hand-filled run pages. */
+static int kvmf_fast_service(struct kvm_run *run, struct kvmf_msr_fast *f,
+                             struct kvmf_fast_counts *counts, struct kvmf_console *con)
+{
+    uint32_t reason = run->exit_reason;
+    if (reason == KVM_EXIT_IO)
+        return kvmf_console_out(run, con);
+    if ((reason != KVM_EXIT_X86_WRMSR && reason != KVM_EXIT_X86_RDMSR)
+        || run->msr.index != f->index)
+        return 0;
+    int is_write = reason == KVM_EXIT_X86_WRMSR;
+    uint64_t value = 0;
+    int verdict = kvmf_fast_decide(f, is_write, run->msr.data, &value);
+    if (verdict < 0)
+        return 0;
+    /* KVM ABI: api.rst, KVM_EXIT_X86_RDMSR/WRMSR: error=1 injects #GP; for
+     * RDMSR, data is what the guest reads. */
+    run->msr.error = (uint8_t)verdict;
+    if (!is_write && !verdict)
+        run->msr.data = value;
+    if (is_write) {
+        if (verdict) KVMF_COUNT(counts->write_gp); else KVMF_COUNT(counts->write_ok);
+    } else {
+        if (verdict) KVMF_COUNT(counts->read_gp); else KVMF_COUNT(counts->read_ok);
+    }
+    return 1;
+}
+
 /* KVM_RUN until an exit Python must see (returns 0), `budget` fast exits have
- * been serviced (returns 1, so Python can drain the counts), or KVM_RUN fails
- * (-errno; EINTR when kicked).  The GIL is released for all of it. */
+ * been serviced (returns 1, so Python can drain the console), or KVM_RUN
+ * fails (-errno; EINTR when kicked, pending kicks consumed).  The GIL is
+ * released for all of it. */
 static int kvmf_run_fast(int vcpu_fd, struct kvm_run *run, struct kvmf_msr_fast *f,
                          struct kvmf_fast_counts *counts, struct kvmf_console *con,
                          uint32_t budget)
 {
     while (budget--) {
-        if (ioctl(vcpu_fd, KVM_RUN, 0) < 0)
-            return -errno;
-        uint32_t reason = run->exit_reason;
-        if (reason == KVM_EXIT_IO) {
-            if (kvmf_console_out(run, con))
-                continue;
+        int r = kvmf_run(vcpu_fd);
+        if (r < 0)
+            return r;
+        if (!kvmf_fast_service(run, f, counts, con))
             return 0;
-        }
-        if ((reason != KVM_EXIT_X86_WRMSR && reason != KVM_EXIT_X86_RDMSR)
-            || run->msr.index != f->index)
-            return 0;
-        int is_write = reason == KVM_EXIT_X86_WRMSR;
-        uint64_t value = 0;
-        int verdict = kvmf_fast_decide(f, is_write, run->msr.data, &value);
-        if (verdict < 0)
-            return 0;
-        /* KVM ABI: api.rst, KVM_EXIT_X86_RDMSR/WRMSR: error=1 injects #GP. */
-        run->msr.error = (uint8_t)verdict;
-        if (!is_write && !verdict)
-            run->msr.data = value;
-        if (is_write)
-            verdict ? counts->write_gp++ : counts->write_ok++;
-        else
-            verdict ? counts->read_gp++ : counts->read_ok++;
     }
     return 1;
 }

@@ -24,7 +24,7 @@ import struct
 import sys
 from importlib import resources
 
-from kvmfilter.migration import MSR_KVM_MIGRATION_CONTROL, MigrationControl  # kvmfilter:
+from kvmfilter.policy import MSR_KVM_MIGRATION_CONTROL, MigrationControl  # kvmfilter:
 
 # ---- the KVM ABI, by hand (linux/kvm.h, asm/kvm.h, asm-generic/ioctl.h) ----
 KVMIO = 0xAE

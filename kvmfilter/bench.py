@@ -26,14 +26,15 @@ import sys
 import time
 import tracemalloc
 
-from ._kvm import lib
-from .kvm import Kvm
-from .migration import MSR_KVM_MIGRATION_CONTROL
-from .pagemap import PageMap
-from .vmm import RunOptions, Vmm
+from .kvm import abi
+from .kvm.baseline import c_loop
+from .kvm.ioctls import Kvm
+from .policy.pagemap import PageMap
+from .policy.readiness import MSR_KVM_MIGRATION_CONTROL
+from .vm.vmm import RunOptions, Vmm
 
-MSR_KVM_POLL_CONTROL = lib.MSR_KVM_POLL_CONTROL
-WRMSR, RDMSR = "0f30", "0f32"
+MSR_KVM_POLL_CONTROL = abi.MSR_KVM_POLL_CONTROL
+WRMSR_OPCODE, RDMSR_OPCODE = "0f30", "0f32"
 
 TARGETS = {
     "wrmsr_ratio_vs_c": 1.15,
@@ -88,12 +89,8 @@ class Bench:
         # Same VM set-up as (a) - filter, CPUID, real mode - but vCPU 0 is
         # driven by the C loop instead of kvmfilter's machine.
         with Vmm(None, RunOptions(timeout=120), image=image, label="<bench>") as v:
-            v.machine.kvm = self.kvm
-            v.machine.setup()
-            vcpu = v.machine.vcpus[0]
-            started = lib.kvmf_monotonic()
-            n = lib.kvmf_bench_c_loop(vcpu.fd, vcpu.run_page, MSR_KVM_MIGRATION_CONTROL)
-            elapsed = lib.kvmf_monotonic() - started
+            vcpu = v.prepare(self.kvm)[0]
+            n, elapsed = c_loop(vcpu, MSR_KVM_MIGRATION_CONTROL)
         if n != exits:
             raise RuntimeError(f"C loop serviced {n} exits, expected {exits}")
         return elapsed
@@ -138,11 +135,11 @@ class Bench:
 
     def startup(self) -> dict:
         exe = shutil.which("kvmfilter", path=os.path.dirname(sys.executable))
-        run_cmd = [exe, "run", "--json"] if exe else [sys.executable, "-m", "kvmfilter.cli",
+        run_cmd = [exe, "run", "--json"] if exe else [sys.executable, "-m", "kvmfilter",
                                                      "run", "--json"]
         cases = {
             "interpreter": [sys.executable, "-c", "pass"],
-            "imports": [sys.executable, "-c", "import kvmfilter.cli, kvmfilter.vmm"],
+            "imports": [sys.executable, "-c", "import kvmfilter.cli, kvmfilter.vm.vmm"],
             "kvmfilter_run": run_cmd,
         }
         samples = {name: [] for name in cases}
@@ -171,7 +168,7 @@ class Bench:
     def vcpu_scaling(self) -> dict:
         """Each case: ns per exit over all vCPUs (median_ns ...), and exits/s."""
         n = max(2000, self.exits // 2)
-        image = msr_loop(MSR_KVM_MIGRATION_CONTROL, WRMSR, n, halt=True)
+        image = msr_loop(MSR_KVM_MIGRATION_CONTROL, WRMSR_OPCODE, n, halt=True)
 
         def case(vcpus):
             def run():
@@ -230,7 +227,7 @@ class Bench:
 
 
 def host_info(kvm: Kvm) -> dict:
-    from .probe import _backend
+    from .vm.probe import _backend
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "backend": _backend(),
             "python": platform.python_version(), "api_version": kvm.get_api_version()}
 
@@ -239,8 +236,8 @@ def run_all(kvm: Kvm, seconds: float = 60.0) -> dict:
     bench = Bench(kvm, seconds)
     started = time.monotonic()
     report = {"host": host_info(kvm)}
-    report["wrmsr"] = bench.msr_round_trip(WRMSR)
-    report["rdmsr"] = bench.msr_round_trip(RDMSR)
+    report["wrmsr"] = bench.msr_round_trip(WRMSR_OPCODE)
+    report["rdmsr"] = bench.msr_round_trip(RDMSR_OPCODE)
     report["startup"] = bench.startup()
     report["vcpu_scaling"] = bench.vcpu_scaling()
     report["page_map"] = bench.page_map()

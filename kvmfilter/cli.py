@@ -1,15 +1,16 @@
 """L5: the ``kvmfilter`` command line.
 
-Exit status (design.md): 0 success; 1 the guest or a check failed; 2 usage or
-bad input; 4 KVM unavailable or a required capability missing.  Human output
-by default, ``--json`` for one JSON document on stdout; logs go to stderr.
-Heavy modules are imported inside the commands that need them: start-up time
-is part of what users pay per run.
+Exit status (docs/contracts.md): 0 success; 1 the guest or a check failed; 2
+usage or bad input; 4 KVM unavailable or a required capability missing; 130
+interrupted.  Human output by default, ``--json`` for one JSON document on
+stdout; logs go to stderr.  Heavy modules are imported inside the commands
+that need them: start-up time is part of what users pay per run.
 """
 from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 import click
@@ -18,6 +19,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_KVM = 4
+EXIT_INTERRUPTED = 130
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -40,13 +42,35 @@ class GuestMemorySize(SizeParam):
     """A size the machine accepts as guest RAM (checked by machine.validate_memory)."""
 
     def convert(self, value, param, ctx):
-        from .machine import validate_memory
+        from .vm.machine import validate_memory
         size = super().convert(value, param, ctx)
         try:
             validate_memory(size)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         return size
+
+
+class ImageParam(click.ParamType):
+    """A guest image path, or bundled:NAME (completed by the shell)."""
+    name = "IMAGE"
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+        from .vm.image import bundled_names
+        if "bundled:".startswith(incomplete) or incomplete.startswith("bundled:"):
+            return [CompletionItem(n) for n in bundled_names() if n.startswith(incomplete)]
+        return [CompletionItem(incomplete, type="file")]
+
+
+class QmpCommandParam(click.ParamType):
+    """A QMP command name (completed from the daemon's command table)."""
+    name = "COMMAND"
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+        from .daemon.commands import COMMANDS
+        return [CompletionItem(n) for n in COMMANDS.names() if n.startswith(incomplete)]
 
 
 class Failure(Exception):
@@ -58,29 +82,28 @@ class Failure(Exception):
 
 
 def exit_status_for(exc: BaseException) -> tuple[int, str]:
-    """The one place that maps an exception to (exit status, message)."""
-    from .cpuid import CpuidError
-    from .journal import JournalError
-    from .kvm import KvmError
-    from .machine import ImageError, MissingCapabilityError
+    """The one place that maps an exception to (exit status, message), by family."""
+    from .base import BadInput, KvmfilterError, Unavailable
 
     if isinstance(exc, Failure):
         return exc.status, str(exc)
-    if isinstance(exc, (ImageError, JournalError)):
+    if isinstance(exc, BadInput):
         return EXIT_USAGE, str(exc)
-    if isinstance(exc, (MissingCapabilityError, CpuidError)):
-        return EXIT_NO_KVM, f"{exc} (kvmfilter probe shows what this host supports)"
-    if isinstance(exc, KvmError):
-        if exc.ioctl.startswith("open "):
+    if isinstance(exc, Unavailable):
+        if isinstance(exc, OSError):  # /dev/kvm
             return EXIT_NO_KVM, f"KVM is not available: {exc}"
-        return EXIT_FAILED, f"KVM refused: {exc}"
+        return EXIT_NO_KVM, f"{exc} (kvmfilter probe shows what this host supports)"
+    if isinstance(exc, KvmfilterError):
+        if isinstance(exc, OSError):  # an ioctl
+            return EXIT_FAILED, f"KVM refused: {exc}"
+        return EXIT_FAILED, str(exc)
     if isinstance(exc, ValueError):
         return EXIT_USAGE, str(exc)
     return EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}"
 
 
 def _open_kvm():
-    from .kvm import Kvm
+    from .kvm.ioctls import Kvm
     return Kvm()
 
 
@@ -89,28 +112,71 @@ def _emit_json(doc) -> None:
     click.echo(json.dumps(doc, indent=2))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="warning", show_default=True, help="Log records at this level and "
-              "above go to stderr (console on a TTY, JSON lines otherwise).")
+# -- logging options: on the group and after any subcommand -----------------------------
+
+def _set_logging(ctx, param, value):
+    if value is None:
+        return
+    state = ctx.find_root().meta.setdefault("kvmfilter.logging", {"level": "warning",
+                                                                   "format": "auto"})
+    state[param.name] = value
+    from . import logs
+    logs.configure(state["level"], state["format"])
+
+
+def logging_options(default: bool):
+    def decorate(f):
+        f = click.option("--log-format", "format", type=click.Choice(["auto", "console", "json"]),
+                         default="auto" if default else None, expose_value=False,
+                         callback=_set_logging, show_default=default,
+                         help="Logs on stderr: console (a TTY's default) or JSON lines.")(f)
+        return click.option("--log-level", "level",
+                            type=click.Choice(["debug", "info", "warning", "error"]),
+                            default="warning" if default else None, expose_value=False,
+                            callback=_set_logging, show_default=default,
+                            help="Log records at this level and above.")(f)
+    return decorate
+
+
+class _Group(click.Group):
+    def command(self, *args, **kwargs):
+        parent = super().command
+
+        def decorate(f):
+            return parent(*args, **kwargs)(logging_options(False)(f))
+        return decorate
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@logging_options(True)
 @click.version_option(package_name="kvmfilter")
-def cli(log_level: str) -> None:
+def cli() -> None:
     """kvmfilter: KVM's migration-control MSR (0x4b564d08), implemented in userspace.
 
     Exit status: 0 success, 1 the guest or a check failed, 2 usage or bad
-    input, 4 KVM unavailable or a required capability missing.
+    input, 4 KVM unavailable or a required capability missing, 130
+    interrupted.  Shell completion: eval "$(_KVMFILTER_COMPLETE=bash_source
+    kvmfilter)" (zsh_source, fish_source for those shells).
     """
-    from . import logs
-    logs.configure(log_level)
 
+
+# -- probe ----------------------------------------------------------------------------
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def probe(as_json: bool) -> None:
     """What this host's KVM advertises and what really works, proved by micro-guests."""
-    from .probe import probe as run_probe
+    from .base import Unavailable
+    from .vm.probe import probe as run_probe
 
-    report = run_probe(_open_kvm())
+    try:
+        report = run_probe(_open_kvm())
+    except Unavailable as exc:
+        if not as_json:
+            raise
+        _, message = exit_status_for(exc)
+        _emit_json({"ok": False, "error": message, "api_version": None, "features": {}})
+        sys.exit(EXIT_NO_KVM)
     if as_json:
         _emit_json(report)
     else:
@@ -125,10 +191,12 @@ def probe(as_json: bool) -> None:
         sys.exit(EXIT_NO_KVM)
 
 
+# -- run ------------------------------------------------------------------------------
+
 def run_options(f, timeout_default=10.0):
     """The options `run` and `serve` share."""
     decorators = [
-        click.argument("image", required=False),
+        click.argument("image", required=False, type=ImageParam()),
         click.option("--timeout", type=click.FloatRange(min=0.001, max=366 * 86400),
                      default=timeout_default, show_default=timeout_default is not None,
                      help="Seconds before the VM is stopped (even if KVM_RUN spins)"
@@ -156,67 +224,71 @@ def run_options(f, timeout_default=10.0):
 
 
 def _options(image, timeout, memory, vcpus, no_migration_control, no_map_gpa_range,
-             plain_memory, journal, name):
-    from .vmm import RunOptions
+             plain_memory, journal, name, hlt_parks=False):
+    from .vm.vmm import RunOptions
 
     return RunOptions(image=image, memory=memory, vcpus=vcpus, timeout=timeout,
                       migration_control=not no_migration_control,
                       map_gpa_range=not no_map_gpa_range, plain_memory=plain_memory,
-                      journal=journal, name=name)
+                      journal=journal, name=name, hlt_parks=hlt_parks)
+
+
+def _gate_hints(vmm) -> dict:
+    from .render import GATE_HINTS
+    return {b.text: GATE_HINTS[b.code] for b in vmm.blockers() if b.code in GATE_HINTS}
 
 
 @cli.command()
 @run_options
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
-def run(as_json: bool, **kwargs) -> None:
+@click.option("--tap", "as_tap", is_flag=True,
+              help="Print strict TAP 13 (the guest's results, the host's checks, the "
+              "exit) and nothing else on stdout.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
+              help="Also write the results as JUnit XML to this file (for CI).")
+def run(as_json: bool, as_tap: bool, junit_path, **kwargs) -> None:
     """Run IMAGE (default: the bundled conformance guest) and report.
 
     IMAGE is a flat real-mode binary loaded at 0x7C00 (see README), or
-    bundled:NAME for a guest shipped with kvmfilter (conformance, hello,
-    readiness_cycle).  Exit 0
-    when the guest halts or exits through port 0xF4 with code 0 and every
-    host-side check passes; 1 otherwise.
+    bundled:NAME for a guest shipped with kvmfilter.  Exit 0 when the guest
+    halts or exits through port 0xF4 with code 0 and every host-side check
+    passes; 1 otherwise; 130 when interrupted (the partial report is printed).
     """
-    from .vmm import Vmm
+    from . import render
+    from .vm.vmm import Vmm
 
+    if as_json and as_tap:
+        raise click.UsageError("--json and --tap both want stdout; choose one")
     options = _options(**kwargs)
+    interrupted = False
     with Vmm(None, options) as vmm:  # image and journal are checked before KVM is opened
-        vmm.run(_open_kvm())
+        try:
+            vmm.run(_open_kvm())
+        except KeyboardInterrupt:
+            if vmm.result is None:
+                raise
+            interrupted = True
         report = vmm.report()
+        hints = _gate_hints(vmm)
+    if junit_path:
+        try:
+            with open(junit_path, "wb") as f:
+                f.write(render.junit(report))
+        except OSError as exc:
+            raise Failure(f"--junit {junit_path}: {exc.strerror or exc}", EXIT_USAGE) from None
     if as_json:
         _emit_json(report)
+    elif as_tap:
+        click.echo(render.tap(report))
     else:
-        _print_report(report)
+        click.echo(render.human(report, hints))
+    if interrupted:
+        click.echo("kvmfilter: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_OK if report["ok"] else EXIT_FAILED)
 
 
-def _print_report(r: dict) -> None:
-    if r["console"]:
-        click.echo(r["console"], nl=not r["console"].endswith("\n"))
-    ex = r["exit"]
-    click.echo(f"exit: {ex['reason']} (code {ex['code']})"
-               + (f": {ex['detail']}" if ex["detail"] else ""))
-    m = r["migration"]
-    click.echo(f"migration control: {'advertised' if m['advertised'] else 'not advertised'}, "
-               f"value {m['value']}, {'READY' if m['ready'] else 'not ready'}; "
-               f"{m['accesses_total']} accesses ({m['verdicts']['ok']} ok, "
-               f"{m['verdicts']['gp']} #GP), {len(m['transitions'])} transitions")
-    for t in m["transitions"]:
-        click.echo(f"  {t['time']}  vCPU {t['vcpu']}: {t['from']} -> {t['to']}")
-    for reason in m["blocked_reasons"]:
-        click.echo(f"blocked: {reason}")
-    p = r["page_map"]
-    if p["tracking"]:
-        click.echo(f"page map: {p['shared_bytes']} bytes shared in {p['ranges']} ranges "
-                   f"(hypercall exit: {p['hypercall_exit']})")
-    if r["unhandled_ports"]:
-        click.echo(f"unhandled ports: {len(r['unhandled_ports'])} ports, "
-                   f"{sum(r['unhandled_ports'].values())} accesses")
-    for c in r["checks"]:
-        click.echo(f"check: {'ok' if c['ok'] else 'FAILED'} - {c['name']} "
-                   f"(guest {c['guest']}, host {c['host']})")
-    click.echo(f"result: {'ok' if r['ok'] else 'FAILED'}")
-
+# -- journal --------------------------------------------------------------------------
 
 @cli.command()
 @click.argument("path", type=click.Path(dir_okay=False))
@@ -224,7 +296,7 @@ def _print_report(r: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def journal(path: str, vm_name: str | None, as_json: bool) -> None:
     """Print the readiness history recorded in the journal PATH."""
-    from .journal import ReadinessJournal
+    from .policy.journal import ReadinessJournal
 
     with ReadinessJournal(path, create=False) as j:
         rows = j.rows(vm_name)
@@ -239,54 +311,56 @@ def journal(path: str, vm_name: str | None, as_json: bool) -> None:
                    f"  ({'ready' if r.new else 'not ready'})")
 
 
+# -- the daemon -----------------------------------------------------------------------
+
 def serve_options(f):
     return run_options(f, timeout_default=None)
 
 
 @cli.command()
 @serve_options
-@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
-              help="Unix socket to serve (created mode 0600).")
+@click.option("--socket", "socket_path", envvar="KVMFILTER_SOCKET", required=True,
+              type=click.Path(dir_okay=False),
+              help="Unix socket to serve (created mode 0600); default $KVMFILTER_SOCKET.  "
+              "Under systemd socket activation, the passed socket is served instead.")
 @click.option("--metrics-file", type=click.Path(dir_okay=False),
-              help="Prometheus textfile to keep current (written atomically).")
+              help="Prometheus textfile to keep current (replaced atomically, mode 0644).")
 def serve(socket_path: str, metrics_file: str | None, **kwargs) -> None:
-    """Run IMAGE (default: bundled:readiness_cycle) as a daemon with a QMP-style
-    control socket, until `quit`, SIGTERM or SIGINT.
+    """Run IMAGE (default: bundled:ready_wait) as a daemon with a QMP control
+    socket, until `quit`, SIGTERM or SIGINT.
 
-    Commands: qmp_capabilities, query-status, query-migration-readiness,
-    query-page-map, query-commands, query-version, stop, cont,
-    system_powerdown, quit.  Events: MIGRATION_READINESS_CHANGED,
-    GUEST_STOPPED, STOP, RESUME, POWERDOWN, SHUTDOWN.  Exit 0 after a clean
-    shutdown; 2 if the socket is served by another process.
+    In a daemon HLT waits for the power button (`system_powerdown`) instead of
+    ending the vCPU, so the default guest - it announces READY and waits in
+    HLT - costs no CPU.  bundled:readiness_cycle toggles readiness for a demo.
+    Commands: see `kvmfilter query --socket S query-commands`.  Exit 0 after a
+    clean shutdown; 2 if the socket is served by another process.
     """
-    import signal
-
-    from .daemon import SocketError, serve as run_daemon
-    from .vmm import Vmm
+    from .daemon.metrics import check_metrics_path
+    from .daemon.notify import activated_socket
+    from .daemon.server import serve as run_daemon
+    from .vm.vmm import Vmm
 
     # Until the daemon's loop takes over SIGTERM/SIGINT: a stop during set-up is
     # a clean exit 0 (nothing has run, nothing to flush), not death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(EXIT_OK))
     if kwargs["image"] is None:
-        kwargs["image"] = "bundled:readiness_cycle"
-    options = _options(**kwargs)
+        kwargs["image"] = "bundled:ready_wait"
+    options = _options(hlt_parks=True, **kwargs)
     if metrics_file:
-        directory = os.path.dirname(os.path.abspath(metrics_file))
-        if not os.access(directory, os.W_OK):
-            raise Failure(f"--metrics-file: cannot write in {directory}", EXIT_USAGE)
+        check_metrics_path(metrics_file)
+    try:
+        listen_socket = activated_socket()
+    except ValueError as exc:
+        raise Failure(f"socket activation: {exc}", EXIT_USAGE) from None
     with Vmm(None, options) as vmm:
-        vmm.machine.kvm = _open_kvm()
-        try:
-            run_daemon(vmm, socket_path, metrics_file)
-        except SocketError as exc:
-            raise Failure(str(exc), EXIT_USAGE) from None
+        run_daemon(vmm, _open_kvm(), socket_path, metrics_file, listen_socket)
 
 
 def _connect(socket_path: str, timeout):
     import stat
 
-    from .daemon import QmpClient
+    from .daemon.client import QmpClient, QmpClientError
     try:
         if not stat.S_ISSOCK(os.stat(socket_path).st_mode):
             raise Failure(f"{socket_path} is not a socket", EXIT_USAGE)
@@ -301,18 +375,31 @@ def _connect(socket_path: str, timeout):
     except PermissionError:
         raise Failure(f"{socket_path}: permission denied (the socket is mode 0600)",
                       EXIT_USAGE) from None
-    except (OSError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, QmpClientError) as exc:
         raise Failure(f"{socket_path}: not a kvmfilter daemon ({exc})", EXIT_FAILED) from None
 
 
+def socket_option(f):
+    return click.option("--socket", "socket_path", envvar="KVMFILTER_SOCKET", required=True,
+                        type=click.Path(dir_okay=False),
+                        help="The daemon's socket; default $KVMFILTER_SOCKET.")(f)
+
+
 @cli.command()
-@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False))
-@click.argument("command")
+@socket_option
+@click.argument("command", type=QmpCommandParam())
 @click.option("--arguments", "arguments", default=None, metavar="JSON",
               help="The command's arguments, a JSON object.")
-def query(socket_path: str, command: str, arguments: str | None) -> None:
+@click.option("--timeout", type=click.FloatRange(min=0.001), default=30.0, show_default=True,
+              help="Seconds to wait for the daemon (connecting and the reply).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the whole reply ({\"return\": ...} or {\"error\": ...}).")
+def query(socket_path: str, command: str, arguments: str | None, timeout: float,
+          as_json: bool) -> None:
     """Execute COMMAND on a daemon; print its return value as JSON (exit 1 on an error)."""
     import json
+
+    from .daemon.client import QmpClientError
     args = None
     if arguments is not None:
         try:
@@ -321,40 +408,57 @@ def query(socket_path: str, command: str, arguments: str | None) -> None:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--arguments") from None
         if not isinstance(args, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--arguments")
-    with _connect(socket_path, timeout=30.0) as client:
+    with _connect(socket_path, timeout=timeout) as client:
         try:
             reply = client.execute(command, args)
-        except (EOFError, OSError, ValueError) as exc:  # OSError includes the timeout
+        except (EOFError, QmpClientError) as exc:
             raise Failure(f"{socket_path}: no reply to {command}: "
                           f"{exc or type(exc).__name__}", EXIT_FAILED) from None
-    if not isinstance(reply, dict) or not ("return" in reply or "error" in reply):
-        raise Failure(f"{socket_path}: not a QMP reply: {reply!r:.200}", EXIT_FAILED)
+    if as_json:
+        _emit_json(reply)
     if "error" in reply:
         err = reply["error"]
         click.echo(f"kvmfilter: {command}: {err.get('class')}: {err.get('desc')}", err=True)
         sys.exit(EXIT_FAILED)
-    _emit_json(reply.get("return"))
+    if not as_json:
+        _emit_json(reply.get("return"))
 
 
 @cli.command()
-@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False))
-def watch(socket_path: str) -> None:
-    """Print the daemon's events as JSON lines until it exits."""
+@socket_option
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines (the default; the flag is accepted for symmetry).")
+def watch(socket_path: str, as_json: bool) -> None:
+    """Print the daemon's events as JSON lines until it shuts down.
+
+    Exit 0 when the stream ends with SHUTDOWN; 1 when it ends any other way
+    (the daemon dropped this client, or died).
+    """
     import json
+
+    from .daemon.client import QmpClientError
     with _connect(socket_path, timeout=None) as client:
+        last = None
         for msg in client.events:
             click.echo(json.dumps(msg))
+            last = msg.get("event")
         while True:
             try:
                 msg = client.read()
-            except (EOFError, ConnectionError):
-                break
-            except ValueError as exc:
-                raise Failure(f"{socket_path}: not a QMP message: {exc}", EXIT_FAILED) from None
-            if isinstance(msg, dict) and "event" in msg:
+            except (EOFError, QmpClientError) as exc:
+                if last == "SHUTDOWN":
+                    return
+                reason = "closed the connection" if isinstance(exc, EOFError) else str(exc)
+                raise Failure(f"{socket_path}: the event stream ended without SHUTDOWN: "
+                              f"the daemon {reason} (too slow a reader is dropped)",
+                              EXIT_FAILED) from None
+            if "event" in msg:
                 click.echo(json.dumps(msg))
                 sys.stdout.flush()
+                last = msg["event"]
 
+
+# -- bench ----------------------------------------------------------------------------
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
@@ -376,8 +480,11 @@ def bench(as_json: bool, seconds: float) -> None:
     sys.exit(EXIT_OK if all(t["pass"] for t in report["targets"]) else EXIT_FAILED)
 
 
+# -- entry point ----------------------------------------------------------------------
+
 def main(argv=None) -> None:
     """Entry point: every error becomes one line on stderr and its exit status."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # __main__ set a quieter one
     try:
         status = cli.main(args=argv, prog_name="kvmfilter", standalone_mode=False)
         sys.exit(status if isinstance(status, int) else EXIT_OK)
@@ -389,12 +496,9 @@ def main(argv=None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.Abort:  # click's form of KeyboardInterrupt (and EOF on a prompt)
+    except (click.Abort, KeyboardInterrupt):  # click.Abort is its form of Ctrl-C
         click.echo("kvmfilter: interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("kvmfilter: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except SystemExit:
         raise
     except BaseException as exc:
@@ -404,7 +508,3 @@ def main(argv=None) -> None:
             logging.getLogger("kvmfilter.cli").error("internal_error", exc_info=exc)
         click.echo(f"kvmfilter: error: {message}", err=True)
         sys.exit(status)
-
-
-if __name__ == "__main__":
-    main()

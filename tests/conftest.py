@@ -23,7 +23,7 @@ def skip_or_fail(reason: str):
 
 @pytest.fixture(scope="session")
 def kvm():
-    from kvmfilter.kvm import Kvm, KvmError
+    from kvmfilter.kvm.ioctls import Kvm, KvmError
 
     try:
         handle = Kvm()

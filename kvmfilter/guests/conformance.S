@@ -1,7 +1,7 @@
 /*
  * conformance.S - the migration-control conformance guest (the bundled default).
  *
- * Contract (design.md, "guest images"): flat binary loaded at 0x7C00, 16-bit
+ * Contract (docs/contracts.md, "Guest images"): flat binary loaded at 0x7C00, 16-bit
  * real mode, CS=DS=ES=SS=0, SP=0x7C00, SI = vCPU index.  Port 0xE9: console;
  * port 0xF4: exit with the number of failed checks.  CPUID.01H:EBX[23:16] is
  * the number of vCPUs (kvmfilter sets it, as hardware does).

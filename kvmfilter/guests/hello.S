@@ -1,7 +1,7 @@
 /*
  * hello.S - the smallest useful kvmfilter guest.
  *
- * Contract (design.md, "guest images"): flat binary loaded at 0x7C00, 16-bit
+ * Contract (docs/contracts.md, "Guest images"): flat binary loaded at 0x7C00, 16-bit
  * real mode, CS=DS=ES=SS=0, SP=0x7C00, SI = vCPU index.
  * Ports: 0xE9 console (one byte per OUT), 0xF4 debug exit (code = value).
  * What it does: vCPU 0 prints "hello from kvmfilter\n" and exits with code 0;

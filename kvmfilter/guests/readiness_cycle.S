@@ -2,7 +2,7 @@
  * readiness_cycle.S - a guest that stays alive and changes its migration
  * readiness over time, for `kvmfilter serve` and for watching transitions live.
  *
- * Contract (design.md, "guest images"): flat binary at 0x7C00, real mode,
+ * Contract (docs/contracts.md, "Guest images"): flat binary at 0x7C00, real mode,
  * SI = vCPU index; 0xE9 console, 0xF4 debug exit.  kvmfilter extension: port
  * 0xF5 (power button) reads 1 once a powerdown was requested (`system_powerdown`
  * on the daemon's socket), 0 before.

@@ -1,6 +1,6 @@
 /*
  * vmcall.S - prints "spin\n", then VMCALL with RAX = KVM_HC_MAP_GPA_RANGE.
- * On kvm_pvm hosts KVM_RUN spins in the kernel on this forever (host-kvm.md);
+ * On kvm_pvm hosts KVM_RUN spins in the kernel on this forever (docs/host-kvm.md);
  * the VMM must interrupt it and report "timeout".  Where VMCALL completes
  * instead (answered by KVM or the VMM), the guest spins in "jmp ." - also
  * only a timeout ends it, so the test means the same on every host.

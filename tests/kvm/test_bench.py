@@ -4,21 +4,21 @@ These check that every case runs and reports the documented keys - not how
 fast anything is (timings belong to `kvmfilter bench`, not to tests).
 """
 from kvmfilter import bench
-from kvmfilter.migration import MSR_KVM_MIGRATION_CONTROL
+from kvmfilter.policy.readiness import MSR_KVM_MIGRATION_CONTROL
 
 
 def test_msr_cases_run_and_report(kvm):
     b = bench.Bench(kvm, seconds=5, rounds=1)
-    for insn in (bench.WRMSR, bench.RDMSR):
+    for insn in (bench.WRMSR_OPCODE, bench.RDMSR_OPCODE):
         out = b.msr_round_trip(insn)
         for case in ("kvmfilter", "c_loop", "in_kernel", "kvmfilter_no_fast_path"):
             assert set(out[case]) == {"median_ns", "min", "max", "samples"}
-        assert out["ratio_vs_c"] == out["kvmfilter"]["median_ns"] / out["c_loop"]["median_ns"]
+            assert out[case]["median_ns"] > 0
 
 
 def test_c_loop_services_exactly_the_guest_loop(kvm):
     b = bench.Bench(kvm, seconds=5, rounds=1)
-    image = bench.msr_loop(MSR_KVM_MIGRATION_CONTROL, bench.WRMSR, 1234)
+    image = bench.msr_loop(MSR_KVM_MIGRATION_CONTROL, bench.WRMSR_OPCODE, 1234)
     assert b._c_loop_s(image, 1234) > 0  # raises unless exactly 1234 exits were serviced
 
 

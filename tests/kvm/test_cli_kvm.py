@@ -9,14 +9,7 @@ import pytest
 from conftest import TEST_GUESTS
 
 
-def kvmfilter_cmd() -> list:
-    exe = os.path.join(os.path.dirname(sys.executable), "kvmfilter")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "kvmfilter.cli"]
-
-
-def kvmfilter(*args, timeout=60):
-    return subprocess.run(kvmfilter_cmd() + list(args), capture_output=True, text=True,
-                          timeout=timeout)
+from daemons import kvmfilter
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,11 @@ import re
 
 import pytest
 
-from kvmfilter._kvm import lib
-from kvmfilter.journal import ReadinessJournal
-from kvmfilter.vmm import RunOptions, Vmm
+from kvmfilter.kvm._kvm import lib
+from kvmfilter.policy.journal import ReadinessJournal
+from kvmfilter.vm.vmm import RunOptions, Vmm
+
+from conftest import test_guest
 
 
 @pytest.fixture(autouse=True)
@@ -73,14 +75,12 @@ def test_plain_memory_starts_at_one(kvm):
     assert r["page_map"]["tracking"] is False
 
 
-# mov eax, 0x40000001; cpuid; shr eax, 16; out 0xe9, al; hlt  -> console byte = EAX[23:16]
-CPUID_PROBE = bytes.fromhex("66b801000040" "0fa2" "66c1e810" "e6e9" "f4")
 
 
 @pytest.mark.parametrize("migration_control", [True, False])
 @pytest.mark.parametrize("map_gpa_range", [True, False])
 def test_guest_sees_the_cpuid_bits_it_was_given(kvm, migration_control, map_gpa_range):
-    r = run_report(kvm, image=CPUID_PROBE, migration_control=migration_control,
+    r = run_report(kvm, image=test_guest("cpuid_probe"), migration_control=migration_control,
                    map_gpa_range=map_gpa_range)
     bits = ord(r["console"])
     assert bool(bits & 2) == migration_control  # bit 17: KVM_FEATURE_MIGRATION_CONTROL
@@ -113,16 +113,7 @@ def test_four_vcpus_all_write_and_transitions_chain(kvm, tmp_path):
 
 def test_journal_keeps_transitions_only_under_a_flood(kvm, tmp_path):
     # 100k WRMSR READY from the guest: one transition, bounded memory, one journal row.
-    # mov ecx, 0x4b564d08; mov eax, 1; xor edx, edx; mov bx, 2; (outer) mov cx? -- use edi
-    image = bytes.fromhex(
-        "66b9084d564b"   # mov ecx, 0x4b564d08
-        "66b801000000"   # mov eax, 1
-        "6631d2"         # xor edx, edx
-        "66bfa0860100"   # mov edi, 100000
-        "0f30"           # 1: wrmsr
-        "664f"           # dec edi
-        "75fa"           # jnz 1b
-        "b000e6f4f4")    # exit 0
+    image = test_guest("wrmsr_flood")
     journal = str(tmp_path / "flood.db")
     r = run_report(kvm, image=image, journal=journal, timeout=60)
     assert r["exit"]["reason"] == "debug_exit"
@@ -139,7 +130,7 @@ def test_map_gpa_range_end_to_end_or_the_hosts_truthful_fallback(kvm):
     """Where the hypercall exit works, the guest's MAP_GPA_RANGE lands in the page
     map.  Where it does not (our kvm_pvm hosts: #UD), the guest reports a TAP SKIP,
     the host saw no hypercall exit, and the gate says why migration is blocked."""
-    from kvmfilter.probe import probe
+    from kvmfilter.vm.probe import probe
     r = run_report(kvm)
     assert r["ok"], r["console"]
     working = probe(kvm)["features"]["exit_hypercall"]
@@ -169,28 +160,16 @@ def test_plain_memory_vm_is_not_blocked_once_ready(kvm):
 def test_no_map_gpa_range_blocks_an_encrypted_guest(kvm):
     r = run_report(kvm, map_gpa_range=False)
     assert r["ok"]
-    assert any("--no-map-gpa-range" in b for b in r["migration"]["blocked_reasons"])
+    assert any("did not enable the KVM_HC_MAP_GPA_RANGE exit" in b
+               for b in r["migration"]["blocked_reasons"])
 
 
-# Each vCPU: 30,000 x (WRMSR READY, RDMSR), then one WRMSR 0 and WRMSR 1, then HLT.
-FLOOD_PER_VCPU = bytes.fromhex(
-    "66b9084d564b"   # mov ecx, 0x4b564d08
-    "6631d2"         # xor edx, edx
-    "66bf30750000"   # mov edi, 30000
-    "66b801000000"   # 1: mov eax, 1
-    "0f30"           # wrmsr
-    "0f32"           # rdmsr
-    "664f"           # dec edi
-    "75f2"           # jnz 1b
-    "6631c0" "0f30"  # xor eax, eax; wrmsr   (revoke)
-    "66b801000000" "0f30"  # mov eax, 1; wrmsr (announce)
-    "f4")            # hlt
 
 
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_record_is_exact_with_and_without_the_fast_path(kvm, tmp_path, fast_path):
     journal = str(tmp_path / "j.db")
-    r = run_report(kvm, image=FLOOD_PER_VCPU, vcpus=4, journal=journal, timeout=120,
+    r = run_report(kvm, image=test_guest("msr_flood_per_vcpu"), vcpus=4, journal=journal, timeout=120,
                    fast_path=fast_path)
     assert r["exit"]["reason"] == "hlt", r["exit"]
     m = r["migration"]

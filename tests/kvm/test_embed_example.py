@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 import sys
 
-from kvmfilter._kvm import ffi, lib
+from kvmfilter.kvm._kvm import ffi, lib
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "embed_handler.py"
 

@@ -4,9 +4,9 @@ import errno
 
 import pytest
 
-from kvmfilter._kvm import lib
-from kvmfilter.kvm import KvmError
-from kvmfilter.msr_filter import READ, WRITE, MsrFilter, MsrFilterError, MsrRange
+from kvmfilter.kvm._kvm import lib
+from kvmfilter.kvm.ioctls import KvmError
+from kvmfilter.kvm.msr_filter import READ, WRITE, MsrFilter, MsrFilterError, MsrRange
 
 
 def test_api_version_and_mmap_size(kvm):

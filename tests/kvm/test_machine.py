@@ -9,13 +9,14 @@ import time
 import pytest
 
 from conftest import test_guest
-from kvmfilter.machine import Machine
-from kvmfilter.vmm import RunOptions, Vmm, bundled_guest
+from kvmfilter.vm.machine import Machine
+from kvmfilter.vm.image import bundled_guest
+from kvmfilter.vm.vmm import RunOptions, Vmm
 
 
 def run_image(kvm, image, **kw):
-    with Machine(kvm, image, **kw) as m:
-        return m.run()
+    with Machine(kvm, **kw) as m:
+        return m.run(image)
 
 
 def test_console_and_debug_exit(kvm):
@@ -26,20 +27,18 @@ def test_console_and_debug_exit(kvm):
 
 
 def test_debug_exit_code_is_the_value_written(kvm):
-    # mov al, 0x2a; out 0xf4, al; hlt
-    r = run_image(kvm, b"\xb0\x2a\xe6\xf4\xf4")
+    r = run_image(kvm, test_guest("debug_exit_42"))
     assert (r.exit.reason, r.exit.code) == ("debug_exit", 42)
 
 
 def test_hlt_stops_the_vcpu_and_the_vm(kvm):
-    r = run_image(kvm, b"\xf4", vcpus=3)
+    r = run_image(kvm, test_guest("hlt"), vcpus=3)
     assert r.exit.reason == "hlt" and r.exit.code == 0
     assert r.exits == {"hlt": 3}
 
 
 def test_si_is_the_vcpu_index(kvm):
-    # Each vCPU prints '0' + SI, then halts: mov ax, si; add al, '0'; out 0xe9, al; hlt
-    r = run_image(kvm, b"\x89\xf0\x04\x30\xe6\xe9\xf4", vcpus=4)
+    r = run_image(kvm, test_guest("print_index"), vcpus=4)
     assert sorted(r.console) == ["0", "1", "2", "3"]
     assert r.exit.reason == "hlt"
 
@@ -60,7 +59,7 @@ def test_vmcall_spin_is_stopped_by_the_timeout(kvm):
 
 def test_timeout_with_many_spinning_vcpus(kvm):
     started = time.monotonic()
-    r = run_image(kvm, b"\xeb\xfe", vcpus=4, timeout=0.5)  # jmp .
+    r = run_image(kvm, test_guest("spin"), vcpus=4, timeout=0.5)
     assert r.exit.reason == "timeout"
     assert time.monotonic() - started < 0.5 + 2.5  # set-up of 4 vCPUs included
 
@@ -75,13 +74,10 @@ def test_every_unknown_port_is_counted_never_fatal(kvm):
 
 def test_console_is_bounded(kvm):
     # rep outsw of 16 KiB into a console that keeps 4 KiB: the rest is counted.
-    image = (b"\xb9\x00\x20"              # mov cx, 0x2000 (words)
-             b"\x31\xf6"                  # xor si, si
-             b"\xba\xe9\x00"              # mov dx, 0xe9
-             b"\xf3\x6f"                  # rep outsw
-             b"\xb0\x00\xe6\xf4\xf4")     # exit 0
-    with Machine(kvm, image, console_limit=4096) as m:
-        r = m.run()
+    image = test_guest("console_flood")
+    with Machine(kvm) as m:
+        m.console.limit = 4096
+        r = m.run(image)
     assert r.exit.reason == "debug_exit"
     assert len(r.console.encode("utf-8", "surrogateescape")) >= 4096 - 3  # decoding may merge
     assert r.console_dropped == 0x4000 - 4096
@@ -101,7 +97,7 @@ def test_random_bytes_always_end_in_a_valid_report(kvm, seed):
 def test_ctrl_c_during_a_run_is_a_clean_exit(kvm):
     """SIGINT while a vCPU spins in KVM_RUN: vCPUs are joined before anything is
     unmapped, then one line and exit 130 (not a crash)."""
-    from test_cli_kvm import kvmfilter_cmd
+    from daemons import kvmfilter_cmd
     from conftest import TEST_GUESTS
     p = subprocess.Popen(kvmfilter_cmd() + ["run", str(TEST_GUESTS / "vmcall.bin"),
                                             "--timeout", "30"],
@@ -111,3 +107,4 @@ def test_ctrl_c_during_a_run_is_a_clean_exit(kvm):
     out, err = p.communicate(timeout=15)
     assert p.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
+    assert "exit: interrupted (code 1)" in out  # the partial report is printed

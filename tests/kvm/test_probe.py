@@ -1,7 +1,7 @@
 """`kvmfilter probe` on real KVM: advertised vs working, with what it saw."""
 import json
 
-from kvmfilter.probe import probe
+from kvmfilter.vm.probe import probe
 from test_cli_kvm import kvmfilter
 
 
@@ -12,7 +12,7 @@ def test_probe_shape_and_msr_features_work(kvm):
         f = report["features"][name]
         assert set(f) == {"advertised", "working", "detail"} and f["detail"]
         assert not f["working"] or f["advertised"]
-    # The hosts this project runs on have both (host-kvm.md); if yours does
+    # The hosts this project runs on have both (docs/host-kvm.md); if yours does
     # not, this assertion says exactly which one is missing.
     for name in ("user_space_msr", "msr_filter", "immediate_exit"):
         assert report["features"][name]["working"], report["features"][name]["detail"]

@@ -4,8 +4,10 @@ import json
 import pytest
 
 from kvmfilter import cli
-from kvmfilter.journal import ReadinessJournal
-from kvmfilter.migration import WRMSR, MigrationControl
+from kvmfilter.policy.journal import ReadinessJournal
+from kvmfilter.policy.readiness import MigrationControl, Op
+
+WRMSR = Op.WRMSR
 
 
 def invoke(capsys, *args):
@@ -115,14 +117,25 @@ def test_journal_command_on_missing_or_corrupt_file(capsys, tmp_path):
     assert code == 2 and "not an SQLite database" in err
 
 
-def test_exit_status_mapping():
-    from kvmfilter.kvm import KvmError
-    from kvmfilter.machine import ImageError, MissingCapabilityError
+def test_exit_status_mapping_by_family():
+    from kvmfilter.base import BadInput, KvmfilterError, Unavailable
+    from kvmfilter.kvm.ioctls import KvmError, KvmUnavailableError
+    from kvmfilter.policy.journal import JournalError
+    from kvmfilter.vm.image import ImageError
+    from kvmfilter.vm.machine import MissingCapabilityError
     assert cli.exit_status_for(ImageError("x"))[0] == 2
+    assert cli.exit_status_for(JournalError("j", "x"))[0] == 2
     assert cli.exit_status_for(MissingCapabilityError("x"))[0] == 4
-    assert cli.exit_status_for(KvmError(2, "open /dev/kvm"))[0] == 4
+    assert cli.exit_status_for(KvmUnavailableError(2, "open /dev/kvm"))[0] == 4
     assert cli.exit_status_for(KvmError(22, "KVM_RUN"))[0] == 1
     assert cli.exit_status_for(RuntimeError("boom"))[0] == 1
+    # One root: an embedder catches any kvmfilter error with one clause.
+    for exc in (ImageError("x"), JournalError("j", "x"), MissingCapabilityError("x"),
+                KvmError(22, "KVM_RUN")):
+        assert isinstance(exc, KvmfilterError)
+    assert isinstance(ImageError("x"), (BadInput, ValueError))
+    assert isinstance(MissingCapabilityError("x"), Unavailable)
+    assert isinstance(KvmError(22, "KVM_RUN"), OSError)
 
 
 def test_size_param():
@@ -151,8 +164,8 @@ def test_dev_kvm_without_a_driver_exits_4_with_a_hint(capsys, tmp_path, monkeypa
 
 def test_every_open_failure_has_a_remedy():
     import errno
-    from kvmfilter.kvm import _OPEN_HINTS, KvmError
+    from kvmfilter.kvm.ioctls import OPEN_HINTS, KvmError
     for err in (errno.ENOENT, errno.EACCES, errno.ENODEV, errno.ENXIO, errno.EPERM):
-        assert _OPEN_HINTS[err]
-    message = str(KvmError(errno.EACCES, "open /dev/kvm", _OPEN_HINTS[errno.EACCES]))
+        assert OPEN_HINTS[err]
+    message = str(KvmError(errno.EACCES, "open /dev/kvm", OPEN_HINTS[errno.EACCES]))
     assert "Permission denied" in message and "kvm' group" in message

@@ -1,81 +1,189 @@
-"""Daemon pieces that need no KVM: metrics text, sd_notify, the socket path rule,
-and the example systemd unit."""
-import pathlib
+"""Daemon pieces that need no KVM: the metrics textfile, sd_notify, socket
+activation, the watchdog, the socket path rule."""
+import os
 import socket
+import stat
+import subprocess
+import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from kvmfilter import daemon
-from kvmfilter.migration import WRMSR
-from kvmfilter.vmm import RunOptions, Vmm
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from kvmfilter.daemon import listen, metrics, notify
+from kvmfilter.policy.readiness import Op
+from kvmfilter.vm.vmm import RunOptions, Vmm
 
 
-def test_metrics_text_is_prometheus_exposition():
+def parse(text: str) -> dict:
+    """{(name, frozenset(labels)): value}, through Prometheus' own parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def test_metrics_text_parses_as_prometheus_exposition():
     with Vmm(None, RunOptions(name='we"ird\\vm'), image=b"\xf4") as v:
-        v.control.access(0, WRMSR, 1)
-        v.control.access(0, WRMSR, 2)
+        v.control.access(0, Op.WRMSR, 1)
+        v.control.access(0, Op.WRMSR, 2)
         v.page_map.update(0x1000, 0x3000, True)
-        text = daemon.metrics_text(v, "running")
-    assert 'vm="we\\"ird\\\\vm"' in text
-    lines = [l for l in text.splitlines() if not l.startswith("#")]
-    values = {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in lines}
-    vm = 'vm="we\\"ird\\\\vm"'
-    assert values[f"kvmfilter_migration_ready{{{vm}}}"] == 1
-    assert values[f'kvmfilter_msr_accesses_total{{{vm},verdict="ok"}}'] == 1
-    assert values[f'kvmfilter_msr_accesses_total{{{vm},verdict="gp"}}'] == 1
-    assert values[f"kvmfilter_migration_transitions_total{{{vm}}}"] == 1
-    assert values[f"kvmfilter_page_map_shared_bytes{{{vm}}}"] == 0x2000
-    assert values[f"kvmfilter_vm_running{{{vm}}}"] == 1
-    for line in text.splitlines():
-        if line.startswith("# TYPE"):
-            assert line.split()[3] in ("gauge", "counter")
+        text = metrics.metrics_text(v, "1.2.3")
+    values = parse(text)
+    vm = ("vm", 'we"ird\\vm')
+
+    def get(name, *labels):
+        return values[(name, frozenset((vm,) + labels))]
+
+    assert values[("kvmfilter_build_info", frozenset({("version", "1.2.3")}))] == 1
+    assert get("kvmfilter_migration_ready") == 1
+    assert get("kvmfilter_msr_accesses_total", ("verdict", "ok")) == 1
+    assert get("kvmfilter_msr_accesses_total", ("verdict", "gp")) == 1
+    assert get("kvmfilter_migration_transitions_total") == 1
+    assert get("kvmfilter_page_map_shared_bytes") == 0x2000
+    assert get("kvmfilter_migration_last_transition_timestamp_seconds") > 1.7e9
+    states = {dict(labels)["state"]: value for (name, labels), value in values.items()
+              if name == "kvmfilter_vm_state"}
+    assert states["prelaunch"] == 1 and sum(states.values()) == 1
+    assert {"running", "paused", "shutdown", "postmigrate", "inmigrate"} <= set(states)
 
 
-def test_write_atomically_leaves_no_temp(tmp_path):
+def test_write_atomically_leaves_no_temp_and_is_world_readable(tmp_path):
     target = tmp_path / "m.prom"
-    daemon.write_atomically(str(target), "a 1\n")
-    daemon.write_atomically(str(target), "a 2\n")
+    old = os.umask(0o077)  # the shipped unit's UMask
+    try:
+        metrics.write_atomically(str(target), "a 1\n")
+        metrics.write_atomically(str(target), "a 2\n")
+    finally:
+        os.umask(old)
     assert target.read_text() == "a 2\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["m.prom"]
 
 
-def test_sd_notify_sends_to_the_socket(tmp_path, monkeypatch):
+def test_write_atomically_never_follows_a_planted_symlink(tmp_path):
+    """The old temp name was PATH.<pid>.tmp: predictable, and open() followed it."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = tmp_path / "m.prom"
+    for pid in range(os.getpid(), os.getpid() + 5):  # the attacker's guesses
+        os.symlink(victim, f"{target}.{pid}.tmp")
+        os.symlink(victim, tmp_path / f".m.prom.{pid}.tmp")
+    metrics.write_atomically(str(target), "kvmfilter_migration_ready 0\n")
+    assert victim.read_text() == "precious\n"
+    assert target.read_text() == "kvmfilter_migration_ready 0\n"
+    assert not target.is_symlink()
+
+
+def test_a_symlink_at_the_target_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = tmp_path / "m.prom"
+    os.symlink(victim, target)
+    metrics.write_atomically(str(target), "x 1\n")
+    assert victim.read_text() == "precious\n" and not target.is_symlink()
+
+
+def test_failed_write_removes_its_temp_file(tmp_path):
+    target = tmp_path / "dir-in-the-way"
+    target.mkdir()  # rename over a directory fails
+    with pytest.raises(OSError):
+        metrics.write_atomically(str(target), "x 1\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["dir-in-the-way"]
+
+
+def test_metrics_directory_rules(tmp_path):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(metrics.MetricsPathError, match="writable by other users"):
+        metrics.check_metrics_path(str(open_dir / "m.prom"))
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # like /tmp: others cannot replace root's file
+    metrics.check_metrics_path(str(sticky / "m.prom"))
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o755)
+    metrics.check_metrics_path(str(private / "m.prom"))
+    os.mkfifo(private / "fifo")
+    with pytest.raises(metrics.MetricsPathError, match="not a regular file"):
+        metrics.check_metrics_path(str(private / "fifo"))
+    with pytest.raises(metrics.MetricsPathError):
+        metrics.check_metrics_path(str(tmp_path / "missing" / "m.prom"))
+
+
+def test_notifier_sends_and_warns_once(tmp_path, caplog):
     path = str(tmp_path / "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    assert daemon.sd_notify("READY=1")
+    assert notify.Notifier(path).send("READY=1")
     assert sock.recv(100) == b"READY=1"
-    monkeypatch.delenv("NOTIFY_SOCKET")
-    assert not daemon.sd_notify("READY=1")
+    assert not notify.Notifier("").send("READY=1")
+    missing = notify.Notifier(str(tmp_path / "nobody-listens"))
+    with caplog.at_level("DEBUG", logger="kvmfilter"):
+        for _ in range(5):
+            assert not missing.send("STATUS=x")
+    levels = [r.levelname for r in caplog.records if r.getMessage() == "sd_notify_failed"]
+    assert levels == ["WARNING"] + ["DEBUG"] * 4
+
+
+def test_watchdog_interval(monkeypatch):
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert notify.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "4000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert notify.watchdog_interval() == 2.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert notify.watchdog_interval() is None  # meant for another process
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert notify.watchdog_interval() == 2.0
+
+
+def test_socket_activation_takes_the_passed_socket(tmp_path):
+    """A child with LISTEN_FDS=1 and fd 3 a listening Unix socket (as systemd does)."""
+    path = str(tmp_path / "act.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    code = ("import os; os.dup2(int(os.environ['FD']), 3);"
+            "os.environ['LISTEN_PID'] = str(os.getpid());"
+            "from kvmfilter.daemon.notify import activated_socket;"
+            "s = activated_socket(); print(s.getsockname(), os.environ.get('LISTEN_FDS'))")
+    p = subprocess.run([sys.executable, "-c", code], pass_fds=(listener.fileno(),),
+                       capture_output=True, text=True,
+                       env={**os.environ, "LISTEN_FDS": "1", "FD": str(listener.fileno())})
+    listener.close()
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [path, "None"]
 
 
 def test_socket_path_rules(tmp_path):
-    daemon.claim_socket_path(str(tmp_path / "free.sock"))  # nothing there: fine
+    listen.claim_socket_path(str(tmp_path / "free.sock"))  # nothing there: fine
     regular = tmp_path / "file"
     regular.write_text("x")
-    with pytest.raises(daemon.SocketError, match="not a socket"):
-        daemon.claim_socket_path(str(regular))
+    with pytest.raises(listen.SocketError, match="not a socket"):
+        listen.claim_socket_path(str(regular))
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(str(tmp_path / "live.sock"))
     live.listen()
-    with pytest.raises(daemon.SocketError, match="another live"):
-        daemon.claim_socket_path(str(tmp_path / "live.sock"))
+    with pytest.raises(listen.SocketError, match="another live"):
+        listen.claim_socket_path(str(tmp_path / "live.sock"))
     live.close()  # the file remains: stale now
-    daemon.claim_socket_path(str(tmp_path / "live.sock"))
+    listen.claim_socket_path(str(tmp_path / "live.sock"))
     assert not (tmp_path / "live.sock").exists()
 
 
-def test_example_unit_is_hardened_and_runs_serve():
-    unit = (ROOT / "examples" / "kvmfilter@.service").read_text()
-    assert "Type=notify" in unit and "kvmfilter --log-level info serve" in unit
-    for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "DeviceAllow=/dev/kvm rw",
-                    "RestrictAddressFamilies=AF_UNIX", "CapabilityBoundingSet="):
-        assert setting in unit
+def test_bound_socket_is_0600_even_with_a_wide_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        sock = listen.bind_unix(str(tmp_path / "s.sock"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
+    sock.close()
 
 
-def test_socket_path_too_long(tmp_path):
-    with pytest.raises(daemon.SocketError, match="at most 107 bytes"):
-        daemon.claim_socket_path("/tmp/" + "x" * 200)
+def test_socket_path_too_long():
+    with pytest.raises(listen.SocketError, match="at most 107 bytes"):
+        listen.claim_socket_path("/tmp/" + "x" * 200)

@@ -1,24 +1,49 @@
-"""The machine's real dispatch path, driven by run pages filled by hand (no KVM).
+"""handle_exit, the free function that services one exit, on run pages filled by
+hand (no KVM).
 
 This is how the KVM_HC_MAP_GPA_RANGE path is tested on hosts whose KVM never
-delivers the hypercall exit (host-kvm.md).
+delivers the hypercall exit (docs/host-kvm.md).
 """
 import pytest
 
-from kvmfilter._kvm import ffi, lib
-from kvmfilter.exits import RunPageBuffer
-from kvmfilter.machine import CONTINUE, HALTED, STOPPED
-from kvmfilter.vmm import RunOptions, Vmm
+from kvmfilter.kvm._kvm import ffi, lib
+from kvmfilter.kvm.exits import RunPageBuffer
+from kvmfilter.policy.pagemap import PageMap
+from kvmfilter.policy.readiness import MigrationControl
+from kvmfilter.vm.devices import CONSOLE_PORT, DEBUG_EXIT_PORT, Console, DebugExit, PortTable
+from kvmfilter.vm.dispatch import ExitHandlers, Outcome, StopReason, StopRecord, handle_exit
+from kvmfilter.vm.handlers import MapGpaRange, MigrationControlMsr
 
-HELLO = b"\xf4"
-U64 = (1 << 64) - 1
+MEMORY = 1 << 20
+MAP = lib.KVM_HC_MAP_GPA_RANGE
+ENC = lib.KVM_MAP_GPA_RANGE_ENCRYPTED
+
+
+class Tables:
+    """Real handlers around a policy and a page map; stops are recorded."""
+
+    def __init__(self, map_gpa_range=True):
+        self.control = MigrationControl()
+        self.page_map = PageMap()
+        self.console = Console()
+        self.stops: list[StopRecord] = []
+        ports = PortTable()
+        ports.add(CONSOLE_PORT, self.console)
+        ports.add(DEBUG_EXIT_PORT, DebugExit(
+            lambda vcpu, code: self.stops.append(StopRecord(StopReason.DEBUG_EXIT, code,
+                                                            None, vcpu))))
+        hypercalls = {MAP: MapGpaRange(self.page_map, MEMORY)} if map_gpa_range else {}
+        self.handlers = ExitHandlers(
+            {lib.MSR_KVM_MIGRATION_CONTROL: MigrationControlMsr(self.control)}, ports,
+            hypercalls, self.stops.append)
+
+    def handle(self, run, vcpu=0):
+        return handle_exit(self.handlers, vcpu, run)
 
 
 @pytest.fixture
-def vmm():
-    v = Vmm(None, RunOptions(), image=HELLO, label="<test>")
-    yield v
-    v.close()
+def t():
+    return Tables()
 
 
 def hypercall(page, nr, args, long_mode=True, stale_ret=0x5A5A):
@@ -38,21 +63,17 @@ def ret(run) -> int:
     return r - (1 << 64) if r >> 63 else r
 
 
-MAP = lib.KVM_HC_MAP_GPA_RANGE
-ENC = lib.KVM_MAP_GPA_RANGE_ENCRYPTED
-
-
-def test_map_gpa_range_decrypt_then_encrypt(vmm):
+def test_map_gpa_range_decrypt_then_encrypt(t):
     page = RunPageBuffer()
     run = hypercall(page, MAP, (0x10000, 4, 0))  # 4 pages shared (decrypted), 4K hint
-    assert vmm.machine.dispatch(0, run) == CONTINUE
+    assert t.handle(run) is Outcome.HANDLED
     assert ret(run) == 0
-    assert vmm.page_map.ranges() == [(0x10000, 0x14000)]
+    assert t.page_map.ranges() == [(0x10000, 0x14000)]
     run = hypercall(page, MAP, (0x11000, 1, ENC | lib.KVM_MAP_GPA_RANGE_PAGE_SZ_2M))
-    vmm.machine.dispatch(0, run)
+    t.handle(run)
     assert ret(run) == 0
-    assert vmm.page_map.ranges() == [(0x10000, 0x11000), (0x12000, 0x14000)]
-    assert vmm.page_map.snapshot()["shared_bytes"] == 3 * 4096
+    assert t.page_map.ranges() == [(0x10000, 0x11000), (0x12000, 0x14000)]
+    assert t.page_map.snapshot()["shared_bytes"] == 3 * 4096
 
 
 @pytest.mark.parametrize("args, why", [
@@ -62,104 +83,113 @@ def test_map_gpa_range_decrypt_then_encrypt(vmm):
     ((0x10000, 1, 0xF), "unknown page-size hint 15"),
     ((0x10800, 1, 0), "misaligned gpa"),
     ((0x10000, 0, 0), "zero pages"),
-    (((1 << 20) - 4096, 2, 0), "runs past the end of guest memory"),
+    ((MEMORY - 4096, 2, 0), "runs past the end of guest memory"),
     ((1 << 40, 1, 0), "outside guest memory"),
 ])
-def test_map_gpa_range_rejects_with_einval(vmm, args, why):
+def test_map_gpa_range_rejects_with_einval(t, args, why):
     page = RunPageBuffer()
     run = hypercall(page, MAP, args)
-    assert vmm.machine.dispatch(0, run) == CONTINUE, why
+    assert t.handle(run) is Outcome.HANDLED, why
     assert ret(run) == -lib.KVM_EINVAL, why
-    assert vmm.page_map.ranges() == [], why
+    assert t.page_map.ranges() == [], why
 
 
-def test_unknown_hypercall_gets_enosys_and_ret_is_written(vmm):
+def test_unknown_hypercall_gets_enosys_and_ret_is_written(t):
     page = RunPageBuffer()
     run = hypercall(page, 99, (), stale_ret=0x1234)
-    assert vmm.machine.dispatch(0, run) == CONTINUE
+    assert t.handle(run) is Outcome.HANDLED
     assert ret(run) == -lib.KVM_ENOSYS
 
 
-def test_32_bit_guest_arguments_are_truncated(vmm):
+def test_32_bit_guest_arguments_are_truncated(t):
     page = RunPageBuffer()
-    # High halves are garbage outside long mode (kvm-abi.md section 3).
-    run = hypercall(page, MAP, (0xFFFF_FFFF_0002_0000, 0xABCD_0000_0000_0001, 0x7777_0000_0000_0000),
-                    long_mode=False)
-    vmm.machine.dispatch(0, run)
+    # High halves are garbage outside long mode (docs/kvm-abi.md).
+    run = hypercall(page, MAP, (0xFFFF_FFFF_0002_0000, 0xABCD_0000_0000_0001,
+                                0x7777_0000_0000_0000), long_mode=False)
+    t.handle(run)
     assert ret(run) == 0
-    assert vmm.page_map.ranges() == [(0x20000, 0x21000)]
+    assert t.page_map.ranges() == [(0x20000, 0x21000)]
     # The same values in long mode are out of range.
     run = hypercall(page, MAP, (0xFFFF_FFFF_0002_0000, 1, 0), long_mode=True)
-    vmm.machine.dispatch(0, run)
+    t.handle(run)
     assert ret(run) == -lib.KVM_EINVAL
 
 
 def test_without_map_gpa_range_the_hypercall_is_enosys():
-    with Vmm(None, RunOptions(map_gpa_range=False), image=HELLO) as v:
-        page = RunPageBuffer()
-        run = hypercall(page, MAP, (0x10000, 1, 0))
-        v.machine.dispatch(0, run)
-        assert ret(run) == -lib.KVM_ENOSYS
-        assert v.page_map.ranges() == []
+    t = Tables(map_gpa_range=False)
+    run = hypercall(RunPageBuffer(), MAP, (0x10000, 1, 0))
+    t.handle(run)
+    assert ret(run) == -lib.KVM_ENOSYS
+    assert t.page_map.ranges() == []
 
 
-def test_msr_exits_go_to_the_policy(vmm):
-    page = RunPageBuffer()
+def msr_exit(page, write, index, data):
     run = page.run
-    run.exit_reason = lib.KVM_EXIT_X86_WRMSR
-    run.msr.index = lib.MSR_KVM_MIGRATION_CONTROL
-    run.msr.data = 1
-    assert vmm.machine.dispatch(2, run) == CONTINUE
-    assert run.msr.error == 0 and vmm.control.ready and vmm.control.last_changed_by == 2
-    run.msr.data = 4
-    vmm.machine.dispatch(2, run)
+    run.exit_reason = lib.KVM_EXIT_X86_WRMSR if write else lib.KVM_EXIT_X86_RDMSR
+    run.msr.index = index
+    run.msr.data = data
+    run.msr.error = 0
+    return run
+
+
+def test_msr_exits_go_to_the_policy(t):
+    page = RunPageBuffer()
+    run = msr_exit(page, True, lib.MSR_KVM_MIGRATION_CONTROL, 1)
+    assert t.handle(run, vcpu=2) is Outcome.HANDLED
+    assert run.msr.error == 0 and t.control.ready and t.control.last_changed_by == 2
+    run = msr_exit(page, True, lib.MSR_KVM_MIGRATION_CONTROL, 4)
+    t.handle(run, vcpu=2)
     assert run.msr.error == 1
-    run.exit_reason = lib.KVM_EXIT_X86_RDMSR
-    run.msr.data = 0
-    vmm.machine.dispatch(0, run)
+    run = msr_exit(page, False, lib.MSR_KVM_MIGRATION_CONTROL, 0)
+    t.handle(run)
     assert (run.msr.error, run.msr.data) == (0, 1)
 
 
-def test_msr_exit_without_handler_stops_loudly(vmm):
-    page = RunPageBuffer()
-    run = page.run
-    run.exit_reason = lib.KVM_EXIT_X86_WRMSR
-    run.msr.index = 0x10
-    assert vmm.machine.dispatch(0, run) == STOPPED
-    stop = vmm.machine._stop
-    assert stop.reason == "unhandled" and "0x10" in stop.detail
-
-
-def test_filter_is_derived_from_the_handlers(vmm):
-    f = vmm.machine.msr_filter()
-    assert [(r.base, r.nmsrs, r.flags) for r in f.ranges] == [
-        (lib.MSR_KVM_MIGRATION_CONTROL, 1, lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE)]
-    assert not f.default_deny
-    for index in vmm.machine.msr_handlers:
-        assert not f.allows(index, lib.KVM_MSR_FILTER_WRITE)
+def test_msr_exit_without_handler_stops_loudly(t):
+    run = msr_exit(RunPageBuffer(), True, 0x10, 0)
+    assert t.handle(run) is Outcome.STOPPED
+    assert [s.reason for s in t.stops] == [StopReason.UNHANDLED]
+    assert "0x10" in t.stops[0].detail and "WRMSR" in t.stops[0].detail
 
 
 @pytest.mark.parametrize("reason, outcome, stop", [
-    (lib.KVM_EXIT_HLT, HALTED, None),
-    (lib.KVM_EXIT_SHUTDOWN, STOPPED, "shutdown"),
-    (lib.KVM_EXIT_FAIL_ENTRY, STOPPED, "fail_entry"),
-    (lib.KVM_EXIT_INTERNAL_ERROR, STOPPED, "internal_error"),
-    (lib.KVM_EXIT_MMIO, STOPPED, "unhandled"),
+    (lib.KVM_EXIT_HLT, Outcome.HALTED, None),
+    (lib.KVM_EXIT_INTR, Outcome.INTERRUPTED, None),
+    (lib.KVM_EXIT_SHUTDOWN, Outcome.STOPPED, StopReason.SHUTDOWN),
+    (lib.KVM_EXIT_FAIL_ENTRY, Outcome.STOPPED, StopReason.FAIL_ENTRY),
+    (lib.KVM_EXIT_INTERNAL_ERROR, Outcome.STOPPED, StopReason.INTERNAL_ERROR),
+    (lib.KVM_EXIT_MMIO, Outcome.STOPPED, StopReason.UNHANDLED),
 ])
-def test_other_exits(vmm, reason, outcome, stop):
+def test_other_exits(t, reason, outcome, stop):
     page = RunPageBuffer()
     page.run.exit_reason = reason
-    assert vmm.machine.dispatch(0, page.run) == outcome
-    assert (vmm.machine._stop.reason if vmm.machine._stop else None) == stop
+    assert t.handle(page.run) is outcome
+    assert [s.reason for s in t.stops] == ([stop] if stop else [])
 
 
-def test_debug_exit_port_stops_with_the_code(vmm):
-    page = RunPageBuffer()
+def io_exit(page, port, data=b"", direction=None, size=1):
     run = page.run
     run.exit_reason = lib.KVM_EXIT_IO
-    run.io.direction = lib.KVM_EXIT_IO_OUT
-    run.io.size, run.io.port, run.io.count = 1, 0xF4, 1
+    run.io.direction = lib.KVM_EXIT_IO_OUT if direction is None else direction
+    run.io.size, run.io.port, run.io.count = size, port, max(len(data) // size, 1)
     run.io.data_offset = page.IO_DATA_OFFSET
-    ffi.cast("char *", run)[page.IO_DATA_OFFSET] = b"\x07"
-    vmm.machine.dispatch(0, run)
-    assert (vmm.machine._stop.reason, vmm.machine._stop.code) == ("debug_exit", 7)
+    if data:
+        ffi.memmove(ffi.cast("char *", run) + page.IO_DATA_OFFSET, data, len(data))
+    return run
+
+
+def test_debug_exit_port_stops_with_the_code(t):
+    run = io_exit(RunPageBuffer(), DEBUG_EXIT_PORT, b"\x07")
+    t.handle(run, vcpu=1)
+    assert [(s.reason, s.code, s.vcpu) for s in t.stops] == [(StopReason.DEBUG_EXIT, 7, 1)]
+
+
+def test_console_and_unknown_ports(t):
+    page = RunPageBuffer()
+    t.handle(io_exit(page, CONSOLE_PORT, b"hi"))
+    assert t.console.text() == "hi"
+    run = io_exit(page, 0x80, direction=lib.KVM_EXIT_IO_IN, size=4)
+    assert t.handle(run) is Outcome.HANDLED
+    assert ffi.buffer(ffi.cast("char *", run) + page.IO_DATA_OFFSET, 4)[:] == b"\xff" * 4
+    t.handle(io_exit(page, 0x80, b"x"))
+    assert t.handlers.ports.unhandled() == {0x80: 2}

@@ -1,9 +1,9 @@
 """Decoding exits from run pages filled by hand, and writing replies back."""
 import pytest
 
-from kvmfilter import exits
-from kvmfilter._kvm import ffi, lib
-from kvmfilter.exits import (HLT, INTERRUPTED, SHUTDOWN, FailEntryExit, HypercallExit,
+from kvmfilter.kvm import exits
+from kvmfilter.kvm._kvm import ffi, lib
+from kvmfilter.kvm.exits import (HLT, INTERRUPTED, SHUTDOWN, FailEntryExit, HypercallExit,
                              HypercallReply, InternalErrorExit, IoExit, IoInReply, MsrExit,
                              MsrReply, RunPageBuffer, UnsupportedExit, apply, decode)
 
@@ -19,7 +19,7 @@ def test_wrmsr_exit(page):
     run.msr.index = 0x4B564D08
     run.msr.data = 0x1_0000_0001
     run.msr.reason = lib.KVM_MSR_EXIT_REASON_FILTER
-    assert decode(run) == MsrExit("wrmsr", 0x4B564D08, 0x1_0000_0001, 4)
+    assert decode(run) == MsrExit(True, 0x4B564D08, 0x1_0000_0001, 4)
 
 
 def test_rdmsr_exit_and_reply(page):
@@ -27,7 +27,7 @@ def test_rdmsr_exit_and_reply(page):
     run.exit_reason = lib.KVM_EXIT_X86_RDMSR
     run.msr.index = 0x4B564D08
     run.msr.data = 0xDEAD  # stale: an RDMSR exit carries no data
-    assert decode(run) == MsrExit("rdmsr", 0x4B564D08, 0, 0)
+    assert decode(run) == MsrExit(False, 0x4B564D08, 0, 0)
     apply(run, MsrReply(False, 1))
     assert (run.msr.error, run.msr.data) == (0, 1)
 

@@ -25,8 +25,7 @@ def test_committed_binary_matches_source(source, tmp_path):
     committed = source.with_suffix(".bin")
     assert committed.exists(), f"{committed.name} is not committed; run make guests"
     target = tmp_path / committed.name
-    for part in [source, *source.parent.glob("*.inc")]:  # the .S and what it #includes
-        shutil.copy(part, tmp_path / part.name)
+    shutil.copy(source, tmp_path / source.name)  # includes come from kvmfilter/guests
     subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path),
                     committed.name], check=True, capture_output=True)
     assert target.read_bytes() == committed.read_bytes(), (
@@ -34,6 +33,7 @@ def test_committed_binary_matches_source(source, tmp_path):
 
 
 def test_bundled_images_are_packaged():
-    from kvmfilter.vmm import bundled_guest
+    from kvmfilter.vm.image import BUNDLED_GUESTS, bundled_guest, bundled_names
     assert bundled_guest("conformance")[:1] == b"\xfa"  # cli
     assert len(bundled_guest("conformance")) < 0xA0000 - 0x7C00
+    assert bundled_names() == [f"bundled:{name}" for name in BUNDLED_GUESTS]

@@ -3,8 +3,10 @@ import sqlite3
 
 import pytest
 
-from kvmfilter.journal import JournalError, ReadinessJournal
-from kvmfilter.migration import WRMSR, MigrationControl
+from kvmfilter.policy.journal import JournalError, ReadinessJournal
+from kvmfilter.policy.readiness import MigrationControl, Op
+
+WRMSR = Op.WRMSR
 
 
 def test_transitions_round_trip(tmp_path):

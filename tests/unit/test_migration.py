@@ -5,8 +5,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmfilter.migration import (ACCESS_LOG_LIMIT, GP, OK, RDMSR, WRMSR, MigrationControl,
-                                 rfc3339)
+from kvmfilter.policy.readiness import (ACCESS_LOG_LIMIT, HISTORY_LIMIT, MigrationControl, Op,
+                                        rfc3339)
+from kvmfilter.policy.readiness import VerdictName
+
+RDMSR, WRMSR = Op.RDMSR, Op.WRMSR
+OK, GP = VerdictName.OK, VerdictName.GP
 
 u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
 
@@ -44,7 +48,7 @@ def test_protocol_walk():
     assert snap["accesses"][0] == {"vcpu": 0, "op": "rdmsr", "data": 0, "verdict": "ok"}
     assert snap["accesses"][2] == {"vcpu": 0, "op": "wrmsr", "data": 2, "verdict": "gp"}
     assert snap["transitions"][0]["from"] == 0 and snap["transitions"][0]["to"] == 1
-    assert snap["blocked_reasons"] == []
+    assert (snap["transitions_total"], snap["transitions_omitted"]) == (3, 0)
 
 
 def test_not_advertised_every_access_faults():
@@ -109,14 +113,14 @@ def test_threads_lose_no_transition():
         t.start()
     for t in threads:
         t.join()
-    transitions = mc.transitions()
     assert mc.accesses_total == 8000
-    assert len(transitions) == len(seen) == mc.transitions_total
+    assert len(seen) == mc.transitions_total > HISTORY_LIMIT
     prev = 0
-    for t in transitions:  # each "from" is the previous "to"
+    for t in seen:  # each "from" is the previous "to"
         assert t.old == prev and t.new != t.old
         prev = t.new
     assert prev == mc.value
+    assert mc.transitions() == seen[-HISTORY_LIMIT:]  # memory keeps the most recent
 
 
 def test_rfc3339():
@@ -185,3 +189,44 @@ def test_recorders_run_before_listeners_and_see_the_old_value():
     mc.add_recorder(lambda t: order.append(("recorder", mc.value)))
     mc.access(0, WRMSR, 1)
     assert order == [("recorder", 0), ("listener", 1)]
+
+
+def test_history_is_bounded_and_the_report_says_so():
+    mc = MigrationControl(clock=FakeClock())
+    for i in range(3 * HISTORY_LIMIT + 1):
+        mc.access(0, WRMSR, (i + 1) & 1)
+    snap = mc.snapshot()
+    assert snap["transitions_total"] == 3 * HISTORY_LIMIT + 1
+    assert len(snap["transitions"]) == HISTORY_LIMIT
+    assert snap["transitions_omitted"] == 2 * HISTORY_LIMIT + 1
+    assert snap["transitions"][-1]["to"] == mc.value == 1
+
+
+def test_state_round_trip_continues_the_record():
+    mc = MigrationControl(clock=FakeClock())
+    for data in (1, 0, 2, 1):
+        mc.access(1, WRMSR, data)
+    mc.access(0, RDMSR)
+    state = mc.export_state()
+    import json
+    copy = MigrationControl.from_state(json.loads(json.dumps(state)))
+    assert copy.export_state() == state
+    assert (copy.value, copy.ready, copy.since, copy.last_changed_by) == (1, True, mc.since, 1)
+    assert copy.transitions() == mc.transitions()
+    assert copy.snapshot() == mc.snapshot()
+    assert copy.access(0, RDMSR).value == 1  # reads what was written before the copy
+    assert copy.access(0, WRMSR, 0).value == 0 and copy.transitions_total == 4
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.pop("value"),
+    lambda s: s.update(value=2),
+    lambda s: s.update(history=[[0, 0]]),
+    lambda s: s.update(accesses=[{"op": "nop"}]),
+])
+def test_malformed_state_is_refused(damage):
+    from kvmfilter.base import BadInput
+    state = MigrationControl().export_state()
+    damage(state)
+    with pytest.raises(BadInput):
+        MigrationControl.from_state(state)

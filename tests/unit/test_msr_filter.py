@@ -1,7 +1,7 @@
 """The filter model's checks (what api.rst says KVM rejects) and lookup rule."""
 import pytest
 
-from kvmfilter.msr_filter import (MAX_BITMAP_BYTES, READ, WRITE, MsrFilter, MsrFilterError,
+from kvmfilter.kvm.msr_filter import (MAX_BITMAP_BYTES, READ, WRITE, MsrFilter, MsrFilterError,
                                   MsrRange, bitmap_bytes)
 
 

@@ -2,7 +2,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmfilter.pagemap import PageMap
+from kvmfilter.policy.pagemap import PageMap
 
 PAGES = 64
 P = 4096

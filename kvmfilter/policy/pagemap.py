@@ -1,6 +1,6 @@
 """L3: the guest's shared (decrypted) memory, as sorted disjoint intervals.
 
-Pure: no cffi, no fds.  An encrypted-memory VM starts all-private (commit text
+Pure: standard library only, no fds.  An encrypted-memory VM starts all-private (commit text
 of 0dbb11230437: all guest memory starts out encrypted); each
 KVM_HC_MAP_GPA_RANGE marks a range shared or private.  Memory and time depend
 on the number of ranges, never on the number of pages: a guest may declare
@@ -10,6 +10,8 @@ boundaries it replaces.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+
+from ..base import BadInput
 
 
 class PageMap:
@@ -74,8 +76,33 @@ class PageMap:
         b = self._bounds[:]
         return list(zip(b[0::2], b[1::2]))
 
+    def export_state(self) -> dict:
+        """The map as plain JSON, for a snapshot or a migration stream."""
+        return {"tracking": self.tracking, "ranges": [list(r) for r in self.ranges()],
+                "updates": self.updates}
+
+    @classmethod
+    def from_state(cls, state: dict, limit: int) -> "PageMap":
+        """The map ``export_state`` wrote; every range must lie below ``limit``.
+
+        Raises:
+            BadInput: malformed, unsorted, overlapping or out-of-range ranges.
+        """
+        try:
+            pm = cls(tracking=bool(state["tracking"]))
+            bounds = [int(x) for r in state["ranges"] for x in r]
+            pm.updates = int(state["updates"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInput(f"page map state is malformed: {exc}") from None
+        if len(bounds) % 2 or any(a >= b for a, b in zip(bounds, bounds[1:])) \
+                or (bounds and (bounds[0] < 0 or bounds[-1] > limit)):
+            raise BadInput("page map state: ranges must be sorted, disjoint, non-empty "
+                           f"and inside guest memory ({limit:#x} bytes)")
+        pm._bounds = bounds
+        return pm
+
     def snapshot(self) -> dict:
-        """The run report's ``page_map`` section (design.md)."""
+        """The run report's ``page_map`` section (docs/contracts.md)."""
         ranges = self.ranges()
         return {"tracking": self.tracking,
                 "shared": [[s, e] for s, e in ranges],

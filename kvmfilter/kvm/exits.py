@@ -1,39 +1,57 @@
 """L2: typed exit records decoded from ``struct kvm_run``, and replies written back.
 
 ``decode(run)`` works on any run page: the one KVM maps for a vCPU, or a buffer a
-test fills by hand (``new_run_page()``).  ``apply(run, reply)`` is the only code
-that writes results back into ``kvm_run`` before the next KVM_RUN.
+test fills by hand (``RunPageBuffer``).  ``apply(run, reply)`` writes the reply to
+an exit Python handled; the C fast path writes its own replies by the same rules
+(``Vcpu`` lists every writer of the run page).
 """
 from __future__ import annotations
 
 from collections import namedtuple
 
+from ..base import StrEnum
 from ._kvm import ffi, lib
 
-RDMSR = "rdmsr"
-WRMSR = "wrmsr"
 
-# Exit reason numbers -> report names (run report "exits" keys).
+class ExitName(StrEnum):
+    """Exit reasons by the names the run report counts them under ("exits")."""
+    UNKNOWN = "unknown"
+    EXCEPTION = "exception"
+    IO = "io"
+    HYPERCALL = "hypercall"
+    DEBUG = "debug"
+    HLT = "hlt"
+    MMIO = "mmio"
+    SHUTDOWN = "shutdown"
+    FAIL_ENTRY = "fail_entry"
+    INTR = "intr"
+    INTERNAL_ERROR = "internal_error"
+    SYSTEM_EVENT = "system_event"
+    X86_RDMSR = "x86_rdmsr"
+    X86_WRMSR = "x86_wrmsr"
+
+
 EXIT_NAMES = {
-    lib.KVM_EXIT_UNKNOWN: "unknown",
-    lib.KVM_EXIT_EXCEPTION: "exception",
-    lib.KVM_EXIT_IO: "io",
-    lib.KVM_EXIT_HYPERCALL: "hypercall",
-    lib.KVM_EXIT_DEBUG: "debug",
-    lib.KVM_EXIT_HLT: "hlt",
-    lib.KVM_EXIT_MMIO: "mmio",
-    lib.KVM_EXIT_SHUTDOWN: "shutdown",
-    lib.KVM_EXIT_FAIL_ENTRY: "fail_entry",
-    lib.KVM_EXIT_INTR: "intr",
-    lib.KVM_EXIT_INTERNAL_ERROR: "internal_error",
-    lib.KVM_EXIT_SYSTEM_EVENT: "system_event",
-    lib.KVM_EXIT_X86_RDMSR: "x86_rdmsr",
-    lib.KVM_EXIT_X86_WRMSR: "x86_wrmsr",
+    lib.KVM_EXIT_UNKNOWN: ExitName.UNKNOWN,
+    lib.KVM_EXIT_EXCEPTION: ExitName.EXCEPTION,
+    lib.KVM_EXIT_IO: ExitName.IO,
+    lib.KVM_EXIT_HYPERCALL: ExitName.HYPERCALL,
+    lib.KVM_EXIT_DEBUG: ExitName.DEBUG,
+    lib.KVM_EXIT_HLT: ExitName.HLT,
+    lib.KVM_EXIT_MMIO: ExitName.MMIO,
+    lib.KVM_EXIT_SHUTDOWN: ExitName.SHUTDOWN,
+    lib.KVM_EXIT_FAIL_ENTRY: ExitName.FAIL_ENTRY,
+    lib.KVM_EXIT_INTR: ExitName.INTR,
+    lib.KVM_EXIT_INTERNAL_ERROR: ExitName.INTERNAL_ERROR,
+    lib.KVM_EXIT_SYSTEM_EVENT: ExitName.SYSTEM_EVENT,
+    lib.KVM_EXIT_X86_RDMSR: ExitName.X86_RDMSR,
+    lib.KVM_EXIT_X86_WRMSR: ExitName.X86_WRMSR,
 }
 
 
 def exit_name(reason: int) -> str:
-    return EXIT_NAMES.get(reason, f"exit_{reason}")
+    """The report name of an exit reason; ``exit_N`` for one KVM added later."""
+    return EXIT_NAMES.get(reason) or f"exit_{reason}"
 
 
 class RunPageBuffer:
@@ -64,9 +82,13 @@ class IoExit(namedtuple("IoExit", "direction size port count data")):
         return self.direction == lib.KVM_EXIT_IO_OUT
 
 
-class MsrExit(namedtuple("MsrExit", "op index data reason")):
+class MsrExit(namedtuple("MsrExit", "write index data reason")):
     """KVM_EXIT_X86_RDMSR/WRMSR.  ``data``: EDX:EAX for WRMSR, 0 for RDMSR."""
     __slots__ = ()
+
+    @property
+    def instruction(self) -> str:
+        return "WRMSR" if self.write else "RDMSR"
 
 
 class HypercallExit(namedtuple("HypercallExit", "nr args flags")):
@@ -123,10 +145,10 @@ def decode(run):
     reason = run.exit_reason
     if reason == lib.KVM_EXIT_X86_WRMSR:
         m = run.msr
-        return MsrExit(WRMSR, m.index, m.data, m.reason)
+        return MsrExit(True, m.index, m.data, m.reason)
     if reason == lib.KVM_EXIT_X86_RDMSR:
         m = run.msr
-        return MsrExit(RDMSR, m.index, 0, m.reason)
+        return MsrExit(False, m.index, 0, m.reason)
     if reason == lib.KVM_EXIT_IO:
         io = run.io
         data = b""
@@ -162,6 +184,7 @@ class MsrReply(namedtuple("MsrReply", "error data", defaults=(0,))):
 
 
 class IoInReply(namedtuple("IoInReply", "data")):
+    """What an IN reads; bytes beyond ``data`` read as all-ones (an absent device)."""
     __slots__ = ()
 
 

@@ -12,7 +12,8 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 
-from .migration import Transition, rfc3339
+from ..base import BadInput
+from .readiness import Transition, rfc3339
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -28,8 +29,8 @@ CREATE INDEX IF NOT EXISTS transitions_vm ON transitions (vm, id);
 """
 
 
-class JournalError(Exception):
-    """The journal cannot be opened, created or read."""
+class JournalError(BadInput):
+    """The journal cannot be opened, created, read or written."""
 
     def __init__(self, path: str, reason: str):
         super().__init__(f"journal {path}: {reason}")

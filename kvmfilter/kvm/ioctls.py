@@ -3,6 +3,9 @@
 Each wrapper calls, checks and returns; there is no policy here.  Errors are
 ``KvmError`` (an ``OSError``) naming the ioctl.  Every fd and mapping is
 released by ``close()`` or the context manager.
+
+State ioctls (``get_xsave``, ``get_vcpu_events`` ...) move their structs as
+raw bytes: the layout is the kernel's ABI, and a snapshot stores it as is.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 from collections import namedtuple
 from typing import TYPE_CHECKING
 
+from ..base import KvmfilterError, Unavailable
 from ._kvm import ffi, lib
 from .cpuid import CpuidEntry
 
@@ -27,8 +31,9 @@ def default_device() -> str:
     """/dev/kvm, unless KVMFILTER_DEV_KVM names another node (tests, containers)."""
     return os.environ.get("KVMFILTER_DEV_KVM") or DEV_KVM
 
+
 # What to do about each way opening /dev/kvm fails (kvmtool's hints, ours).
-_OPEN_HINTS = {
+OPEN_HINTS = {
     _errno.ENOENT: "the device node does not exist: is the kvm module loaded "
                    "(modprobe kvm_intel / kvm_amd) and virtualization enabled?",
     _errno.ENODEV: "no KVM backend is available on this host "
@@ -39,8 +44,8 @@ _OPEN_HINTS = {
 }
 
 
-class KvmError(OSError):
-    """A KVM ioctl (or opening /dev/kvm) failed.
+class KvmError(KvmfilterError, OSError):
+    """A KVM ioctl failed.
 
     Attributes:
         errno: the errno the kernel returned.
@@ -58,6 +63,10 @@ class KvmError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class KvmUnavailableError(KvmError, Unavailable):
+    """/dev/kvm cannot be opened, or is not KVM."""
 
 
 def _check(result: int, name: str) -> int:
@@ -88,6 +97,20 @@ class _Fd:
         except Exception:
             pass
 
+    def _get(self, request: int, ctype: str, name: str) -> bytes:
+        """An ioctl that fills a struct: the struct's bytes."""
+        buf = ffi.new(ctype)
+        _check(lib.kvmf_ioctl(self.fd, request, buf), name)
+        return bytes(ffi.buffer(buf))
+
+    def _set(self, request: int, ctype: str, data: bytes, name: str) -> None:
+        """An ioctl that reads a struct, from bytes of exactly its size."""
+        buf = ffi.new(ctype)
+        if len(data) != ffi.sizeof(buf[0]):
+            raise ValueError(f"{name}: {len(data)} bytes, struct is {ffi.sizeof(buf[0])}")
+        ffi.memmove(buf, data, len(data))
+        _check(lib.kvmf_ioctl(self.fd, request, buf), name)
+
 
 class Kvm(_Fd):
     """The system fd (/dev/kvm)."""
@@ -97,7 +120,7 @@ class Kvm(_Fd):
         fd = lib.kvmf_open(path.encode())
         if fd < 0:
             err = -fd
-            raise KvmError(err, f"open {path}", _OPEN_HINTS.get(err))
+            raise KvmUnavailableError(err, f"open {path}", OPEN_HINTS.get(err))
         self.fd = fd
         self.path = path
         self._mmap_size: int | None = None
@@ -106,9 +129,10 @@ class Kvm(_Fd):
         if version != KVM_API_VERSION:
             self.close()
             if version < 0:
-                raise KvmError(-version, f"open {path}", "this is not a KVM device")
-            raise KvmError(_errno.EPROTO, f"open {path}",
-                           f"KVM API version {version}, kvmfilter needs {KVM_API_VERSION}")
+                raise KvmUnavailableError(-version, f"open {path}", "this is not a KVM device")
+            raise KvmUnavailableError(_errno.EPROTO, f"open {path}",
+                                      f"KVM API version {version}, kvmfilter needs "
+                                      f"{KVM_API_VERSION}")
 
     def get_api_version(self) -> int:
         return _check(lib.kvmf_ioctl_arg(self.fd, lib.KVM_GET_API_VERSION, 0),
@@ -134,50 +158,28 @@ class Kvm(_Fd):
         return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
                 for e in cpuid.entries[0:cpuid.nent]]
 
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM lets userspace save and restore.
+
+        KVM ABI: api.rst, KVM_GET_MSR_INDEX_LIST: E2BIG, with nmsrs set to the
+        count, when the list does not fit; then ask again with that size.
+        """
+        count = 64
+        while True:
+            buf = ffi.new("struct kvm_msr_list *", {"nmsrs": count, "indices": count})
+            r = lib.kvmf_ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf)
+            if r == -_errno.E2BIG and buf.nmsrs > count:
+                count = buf.nmsrs
+                continue
+            _check(r, "KVM_GET_MSR_INDEX_LIST")
+            return list(buf.indices[0:buf.nmsrs])
+
     def create_vm(self) -> "Vm":
         fd = _check(lib.kvmf_ioctl_arg(self.fd, lib.KVM_CREATE_VM, 0), "KVM_CREATE_VM")
         return Vm(self, fd)
 
 
-MemorySlot = namedtuple("MemorySlot", "slot guest_phys_addr size userspace_addr")
-
-
-class GuestMemory:
-    """Anonymous host memory to back a guest RAM slot; zero-filled."""
-
-    def __init__(self, size: int):
-        ptr = lib.mmap(ffi.NULL, size, lib.PROT_READ | lib.PROT_WRITE,
-                       lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, 0)
-        if ptr == lib.kvmf_map_failed():
-            raise KvmError(ffi.errno, "mmap guest memory")
-        self.ptr = ptr
-        self.size = size
-        self.address = int(ffi.cast("uintptr_t", ptr))
-        self.view = ffi.buffer(ffi.cast("char *", ptr), size)
-
-    def write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > self.size:
-            raise ValueError(f"write of {len(data)} bytes at {offset:#x} "
-                             f"outside {self.size:#x} bytes of guest memory")
-        self.view[offset:offset + len(data)] = data
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.view[offset:offset + length]
-
-    def close(self) -> None:
-        if self.ptr is not None:
-            self.view = None
-            lib.munmap(self.ptr, self.size)
-            self.ptr = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
+MemorySlot = namedtuple("MemorySlot", "slot guest_phys_addr size userspace_addr flags")
 
 
 class Vm(_Fd):
@@ -202,6 +204,7 @@ class Vm(_Fd):
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int,
                                userspace_addr: int, flags: int = 0) -> MemorySlot:
+        """``flags``: KVM_MEM_LOG_DIRTY_PAGES to track the pages the guest writes."""
         region = ffi.new("struct kvm_userspace_memory_region *")
         region.slot = slot
         region.flags = flags
@@ -210,7 +213,29 @@ class Vm(_Fd):
         region.userspace_addr = userspace_addr
         _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region),
                "KVM_SET_USER_MEMORY_REGION")
-        return MemorySlot(slot, guest_phys_addr, size, userspace_addr)
+        return MemorySlot(slot, guest_phys_addr, size, userspace_addr, flags)
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: bit i = page i of ``slot`` was written since the last call.
+
+        KVM ABI: api.rst, KVM_GET_DIRTY_LOG: the bitmap has one bit per page,
+        in 64-bit words; without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 the call
+        also clears the log and write-protects those pages again.
+        """
+        nbytes = (npages + 63) // 64 * 8
+        bitmap = ffi.new("char[]", nbytes)
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = bitmap
+        _check(lib.kvmf_ioctl(self.fd, lib.KVM_GET_DIRTY_LOG, log), "KVM_GET_DIRTY_LOG")
+        return ffi.buffer(bitmap, nbytes)[:]
+
+    def get_clock(self) -> bytes:
+        """KVM_GET_CLOCK: ``struct kvm_clock_data`` (kvmclock's view of time)."""
+        return self._get(lib.KVM_GET_CLOCK, "struct kvm_clock_data *", "KVM_GET_CLOCK")
+
+    def set_clock(self, data: bytes) -> None:
+        self._set(lib.KVM_SET_CLOCK, "struct kvm_clock_data *", data, "KVM_SET_CLOCK")
 
     def create_vcpu(self, vcpu_id: int) -> "Vcpu":
         fd = _check(lib.kvmf_ioctl_arg(self.fd, lib.KVM_CREATE_VCPU, vcpu_id),
@@ -262,7 +287,15 @@ class Vm(_Fd):
 
 
 class Vcpu(_Fd):
-    """A vCPU fd with its mmapped ``struct kvm_run`` (``self.run_page``)."""
+    """A vCPU fd with its mmapped ``struct kvm_run`` (``self.run_page``).
+
+    Who writes the run page: KVM (the exit), ``exits.apply`` (the reply to an
+    exit Python handled), the C fast path (the reply to an exit it handled,
+    by the same rules), and ``run()`` here, which stores KVM_EXIT_INTR in
+    ``exit_reason`` when KVM_RUN returns EINTR (KVM leaves the previous reason
+    there when ``immediate_exit`` stops it before entering the guest).
+    ``immediate_exit`` itself is written by whoever kicks the vCPU.
+    """
 
     def __init__(self, vm: Vm, vcpu_id: int, fd: int, mmap_size: int):
         self.vm = vm
@@ -292,6 +325,8 @@ class Vcpu(_Fd):
             slot.eax, slot.ebx, slot.ecx, slot.edx = e.eax, e.ebx, e.ecx, e.edx
         _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid), "KVM_SET_CPUID2")
 
+    # -- registers (cffi structs, for code that edits fields) --------------------
+
     def get_regs(self):
         regs = ffi.new("struct kvm_regs *")
         _check(lib.kvmf_ioctl(self.fd, lib.KVM_GET_REGS, regs), "KVM_GET_REGS")
@@ -308,6 +343,100 @@ class Vcpu(_Fd):
     def set_sregs(self, sregs) -> None:
         _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_SREGS, sregs), "KVM_SET_SREGS")
 
+    # -- state as raw bytes (snapshots) -------------------------------------------
+
+    def get_fpu(self) -> bytes:
+        return self._get(lib.KVM_GET_FPU, "struct kvm_fpu *", "KVM_GET_FPU")
+
+    def set_fpu(self, data: bytes) -> None:
+        self._set(lib.KVM_SET_FPU, "struct kvm_fpu *", data, "KVM_SET_FPU")
+
+    def get_xsave(self, size: int = 0) -> bytes:
+        """KVM_GET_XSAVE, or KVM_GET_XSAVE2 when ``size`` (KVM_CAP_XSAVE2) exceeds
+        ``struct kvm_xsave``.  KVM ABI: api.rst, KVM_GET_XSAVE2."""
+        base = ffi.sizeof("struct kvm_xsave")
+        if size <= base:
+            return self._get(lib.KVM_GET_XSAVE, "struct kvm_xsave *", "KVM_GET_XSAVE")
+        buf = ffi.new("char[]", size)
+        _check(lib.kvmf_ioctl(self.fd, lib.KVM_GET_XSAVE2, buf), "KVM_GET_XSAVE2")
+        return ffi.buffer(buf, size)[:]
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE takes the whole buffer KVM_GET_XSAVE(2) returned."""
+        buf = ffi.new("char[]", max(len(data), ffi.sizeof("struct kvm_xsave")))
+        ffi.memmove(buf, data, len(data))
+        _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_XSAVE, buf), "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> bytes:
+        return self._get(lib.KVM_GET_XCRS, "struct kvm_xcrs *", "KVM_GET_XCRS")
+
+    def set_xcrs(self, data: bytes) -> None:
+        self._set(lib.KVM_SET_XCRS, "struct kvm_xcrs *", data, "KVM_SET_XCRS")
+
+    def get_vcpu_events(self) -> bytes:
+        return self._get(lib.KVM_GET_VCPU_EVENTS, "struct kvm_vcpu_events *",
+                         "KVM_GET_VCPU_EVENTS")
+
+    def set_vcpu_events(self, data: bytes) -> None:
+        self._set(lib.KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events *", data,
+                  "KVM_SET_VCPU_EVENTS")
+
+    def get_debugregs(self) -> bytes:
+        return self._get(lib.KVM_GET_DEBUGREGS, "struct kvm_debugregs *", "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, data: bytes) -> None:
+        self._set(lib.KVM_SET_DEBUGREGS, "struct kvm_debugregs *", data, "KVM_SET_DEBUGREGS")
+
+    def get_mp_state(self) -> bytes:
+        return self._get(lib.KVM_GET_MP_STATE, "struct kvm_mp_state *", "KVM_GET_MP_STATE")
+
+    def set_mp_state(self, data: bytes) -> None:
+        self._set(lib.KVM_SET_MP_STATE, "struct kvm_mp_state *", data, "KVM_SET_MP_STATE")
+
+    def get_regs_bytes(self) -> bytes:
+        return self._get(lib.KVM_GET_REGS, "struct kvm_regs *", "KVM_GET_REGS")
+
+    def set_regs_bytes(self, data: bytes) -> None:
+        self._set(lib.KVM_SET_REGS, "struct kvm_regs *", data, "KVM_SET_REGS")
+
+    def get_sregs_bytes(self) -> bytes:
+        return self._get(lib.KVM_GET_SREGS, "struct kvm_sregs *", "KVM_GET_SREGS")
+
+    def set_sregs_bytes(self, data: bytes) -> None:
+        self._set(lib.KVM_SET_SREGS, "struct kvm_sregs *", data, "KVM_SET_SREGS")
+
+    def get_msrs(self, indices: Sequence[int]) -> list[tuple[int, int]]:
+        """KVM_GET_MSRS: ``[(index, value)]`` for the MSRs KVM could read.
+
+        KVM ABI: api.rst, KVM_GET_MSRS returns how many entries it read and
+        stops at the first it cannot; that one is skipped and the rest asked
+        again, so one unreadable MSR does not hide the others.
+        """
+        out: list[tuple[int, int]] = []
+        todo = list(indices)
+        while todo:
+            msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(todo), "entries": len(todo)})
+            for entry, index in zip(msrs.entries, todo):
+                entry.index = index
+            n = _check(lib.kvmf_ioctl(self.fd, lib.KVM_GET_MSRS, msrs), "KVM_GET_MSRS")
+            out += [(e.index, e.data) for e in msrs.entries[0:n]]
+            todo = todo[n + 1:]
+        return out
+
+    def set_msrs(self, entries: Sequence[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS: how many of ``entries`` KVM accepted, in order."""
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(entries), "entries": len(entries)})
+        for slot, (index, data) in zip(msrs.entries, entries):
+            slot.index, slot.data = index, data
+        return _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_MSRS, msrs), "KVM_SET_MSRS")
+
+    # -- running --------------------------------------------------------------------
+
+    def prepare_thread(self) -> None:
+        """Call on the thread that will run this vCPU, before its first KVM_RUN:
+        from then on a kick can interrupt KVM_RUN and nothing else on it."""
+        _check(lib.kvmf_vcpu_thread_signals(self.fd), "KVM_SET_SIGNAL_MASK")
+
     def run_fast(self, fast, counts, console, budget: int) -> bool:
         """KVM_RUN in C with the MSR and console fast paths (cstubs/kvm_source.c).
 
@@ -323,8 +452,8 @@ class Vcpu(_Fd):
     def run(self) -> None:
         """KVM_RUN.  The GIL is released for the duration of the ioctl.
 
-        EINTR (a kick signal, or ``immediate_exit``) is not an error: KVM then
-        reports KVM_EXIT_INTR in the run page.  EAGAIN is retried.
+        EINTR (a kick signal, or ``immediate_exit``) is not an error: the run
+        page then says KVM_EXIT_INTR.  EAGAIN is retried.
         """
         while not self._settled(lib.kvmf_run(self.fd)):
             pass

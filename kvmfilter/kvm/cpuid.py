@@ -1,6 +1,6 @@
 """L1: CPUID tables for KVM_SET_CPUID2, and the paravirt leaves we edit.
 
-KVM ABI: kvm-abi.md section 4 / api.rst KVM_GET_SUPPORTED_CPUID.  KVM reports
+KVM ABI: api.rst, KVM_GET_SUPPORTED_CPUID (docs/kvm-abi.md, "CPUID").  KVM reports
 0x40000000 (signature) and 0x40000001 (its own PV features); the VMM ORs in the
 feature bits it implements itself (16: HC_MAP_GPA_RANGE, 17: MIGRATION_CONTROL).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import TYPE_CHECKING
 
+from ..base import Unavailable
 from ._kvm import lib
 
 KVM_SIGNATURE = (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM\0\0\0" in ebx, ecx, edx
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 CpuidEntry = namedtuple("CpuidEntry", "function index flags eax ebx ecx edx")
 
 
-class CpuidError(ValueError):
+class CpuidError(Unavailable):
     """The supported CPUID table lacks what the VMM needs to advertise."""
 
 
@@ -41,3 +42,15 @@ def with_pv_features(entries: Iterable[CpuidEntry], set_bits: int,
     return [e._replace(eax=(e.eax | set_bits) & ~clear_bits & 0xFFFF_FFFF)
             if e.function == lib.KVM_CPUID_FEATURES else e
             for e in entries]
+
+
+def per_vcpu(entries: Iterable[CpuidEntry], index: int, count: int) -> list[CpuidEntry]:
+    """Leaf 1 EBX as hardware sets it: [31:24] initial APIC ID = the vCPU index,
+    [23:16] the number of logical CPUs, so a guest can find its siblings."""
+    out = []
+    for e in entries:
+        if e.function == 1:
+            ebx = (e.ebx & 0x0000_FFFF) | (min(count, 255) << 16) | ((index & 0xFF) << 24)
+            e = e._replace(ebx=ebx)
+        out.append(e)
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import TYPE_CHECKING
 
+from ..base import BadInput
 from ._kvm import lib
 
 READ = lib.KVM_MSR_FILTER_READ
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from typing import Mapping
 
 
-class MsrFilterError(ValueError):
+class MsrFilterError(BadInput):
     """A filter that api.rst says KVM will reject."""
 
 

@@ -11,13 +11,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ._kvm import lib
-from .cpuid import with_pv_features
-from .exits import HypercallExit, HypercallReply, IoExit, MsrExit, apply, decode, exit_name
-from .kvm import GuestMemory, Kvm, KvmError, Vm
-from .machine import DEBUG_EXIT_PORT, LOAD_ADDRESS, kick_vcpu_thread, reset_real_mode
-from .msr_filter import WRITE, MsrFilter
-from .vmm import bundled_guest
+from ..kvm import abi
+from ..kvm.cpuid import with_pv_features
+from ..kvm.exits import (ExitName, HypercallExit, HypercallReply, IoExit, MsrExit, apply,
+                         decode, exit_name)
+from ..kvm.ioctls import Kvm, KvmError, Vm
+from ..kvm.kick import kick
+from ..kvm.memory import GuestMemory
+from ..kvm.msr_filter import WRITE, MsrFilter
+from .devices import DEBUG_EXIT_PORT
+from .image import LOAD_ADDRESS, bundled_guest, reset_real_mode
 
 MSR = 0x4B56_4D08
 MICRO_MEMORY = 1 << 20
@@ -69,7 +72,7 @@ def run_micro(kvm: Kvm, image: bytes, setup: Callable[[Vm], None] | None = None,
     keep running (e.g. to let the guest see the reply).
     """
     with _micro_vcpu(kvm, image, setup, pv_features) as vcpu:
-        timer = threading.Timer(timeout, kick_vcpu_thread, (vcpu, threading.get_ident()))
+        timer = threading.Timer(timeout, kick, (vcpu, threading.get_ident()))
         timer.start()
         try:
             return _drive(vcpu, answer)
@@ -88,7 +91,7 @@ def _drive(vcpu, answer) -> MicroOutcome:
             if ex.port == DEBUG_EXIT_PORT and ex.is_out:
                 return MicroOutcome(code=ex.data[0])
             continue
-        if exit_name(run.exit_reason) == "intr":
+        if exit_name(run.exit_reason) == ExitName.INTR:
             return MicroOutcome(timed_out=True)
         if answer is not None and answer(run, ex):
             continue
@@ -96,51 +99,51 @@ def _drive(vcpu, answer) -> MicroOutcome:
 
 
 def _user_space_msr(kvm: Kvm) -> Feature:
-    mask = kvm.check_extension(lib.KVM_CAP_X86_USER_SPACE_MSR)
+    mask = kvm.check_extension(abi.KVM_CAP_X86_USER_SPACE_MSR)
     if not mask:
         return Feature(False, False, "KVM_CHECK_EXTENSION(KVM_CAP_X86_USER_SPACE_MSR) is 0")
-    reasons = lib.KVM_MSR_EXIT_REASON_UNKNOWN | lib.KVM_MSR_EXIT_REASON_INVAL
+    reasons = abi.KVM_MSR_EXIT_REASON_UNKNOWN | abi.KVM_MSR_EXIT_REASON_INVAL
     out = run_micro(kvm, bundled_guest("probe_wrmsr"),
-                    setup=lambda vm: vm.enable_cap(lib.KVM_CAP_X86_USER_SPACE_MSR, reasons))
+                    setup=lambda vm: vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, reasons))
     ok = type(out.exit) is MsrExit and out.exit.index == MSR
     return Feature(True, ok, _describe(out, "WRMSR 0x4b564d08 with no filter (UNKNOWN reason)"))
 
 
 def _msr_filter(kvm: Kvm) -> Feature:
-    if not kvm.check_extension(lib.KVM_CAP_X86_MSR_FILTER):
+    if not kvm.check_extension(abi.KVM_CAP_X86_MSR_FILTER):
         return Feature(False, False, "KVM_CHECK_EXTENSION(KVM_CAP_X86_MSR_FILTER) is 0")
 
     def setup(vm: Vm) -> None:
-        vm.enable_cap(lib.KVM_CAP_X86_USER_SPACE_MSR, lib.KVM_MSR_EXIT_REASON_FILTER)
+        vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, abi.KVM_MSR_EXIT_REASON_FILTER)
         vm.set_msr_filter(MsrFilter.deny_only({MSR: WRITE}))
 
     out = run_micro(kvm, bundled_guest("probe_wrmsr"), setup=setup)
     ok = (type(out.exit) is MsrExit and out.exit.index == MSR
-          and out.exit.reason == lib.KVM_MSR_EXIT_REASON_FILTER)
+          and out.exit.reason == abi.KVM_MSR_EXIT_REASON_FILTER)
     return Feature(True, ok, _describe(out, "WRMSR 0x4b564d08 denied by a one-MSR filter"))
 
 
 def _exit_hypercall(kvm: Kvm) -> Feature:
-    offered = kvm.check_extension(lib.KVM_CAP_EXIT_HYPERCALL)
-    bit = 1 << lib.KVM_HC_MAP_GPA_RANGE
+    offered = kvm.check_extension(abi.KVM_CAP_EXIT_HYPERCALL)
+    bit = 1 << abi.KVM_HC_MAP_GPA_RANGE
     if not offered & bit:
         return Feature(False, False, f"KVM_CHECK_EXTENSION(KVM_CAP_EXIT_HYPERCALL) is "
                        f"{offered:#x}: no KVM_HC_MAP_GPA_RANGE exit")
 
     def setup(vm: Vm) -> None:
-        vm.enable_cap(lib.KVM_CAP_EXIT_HYPERCALL, bit)
+        vm.enable_cap(abi.KVM_CAP_EXIT_HYPERCALL, bit)
 
     def answer(run, ex) -> bool:
-        # Always write ret (kvm-abi.md section 3), then stop at the exit.
+        # Always write ret (docs/kvm-abi.md, "The hypercall exit"), then stop.
         apply(run, HypercallReply(0))
         return False
 
-    features = 1 << lib.KVM_FEATURE_HC_MAP_GPA_RANGE
+    features = 1 << abi.KVM_FEATURE_HC_MAP_GPA_RANGE
     seen = []
     for insn, name in (("probe_vmmcall", "VMMCALL"), ("probe_vmcall", "VMCALL")):
         out = run_micro(kvm, bundled_guest(insn), setup=setup, pv_features=features,
                         timeout=VMCALL_TIMEOUT, answer=answer)
-        if type(out.exit) is HypercallExit and out.exit.nr == lib.KVM_HC_MAP_GPA_RANGE:
+        if type(out.exit) is HypercallExit and out.exit.nr == abi.KVM_HC_MAP_GPA_RANGE:
             return Feature(True, True, f"{name} of KVM_HC_MAP_GPA_RANGE in real mode exited "
                            "to userspace (KVM_EXIT_HYPERCALL)")
         seen.append(f"{name}: {_describe_hypercall(out)}")
@@ -150,14 +153,14 @@ def _exit_hypercall(kvm: Kvm) -> Feature:
 
 def _immediate_exit(kvm: Kvm) -> Feature:
     """KVM_RUN with immediate_exit=1 must return EINTR without running the guest."""
-    if not kvm.check_extension(lib.KVM_CAP_IMMEDIATE_EXIT):
+    if not kvm.check_extension(abi.KVM_CAP_IMMEDIATE_EXIT):
         return Feature(False, False, "KVM_CHECK_EXTENSION(KVM_CAP_IMMEDIATE_EXIT) is 0")
     with _micro_vcpu(kvm, b"\xeb\xfe") as vcpu:  # jmp . (spins if entered)
         vcpu.run_page.immediate_exit = 1
         vcpu.run()
         reason = vcpu.run_page.exit_reason
         rip = vcpu.get_regs().rip
-    ok = exit_name(reason) == "intr" and rip == LOAD_ADDRESS
+    ok = exit_name(reason) == ExitName.INTR and rip == LOAD_ADDRESS
     return Feature(True, ok, f"KVM_RUN with immediate_exit=1 returned {exit_name(reason)} "
                    f"at RIP {rip:#x} (needed to stop a vCPU that is about to enter)")
 
@@ -171,7 +174,7 @@ def _describe(out: MicroOutcome, what: str) -> str:
                               if out.code == 0 else f"guest exit code {out.code}")
     ex = out.exit
     if type(ex) is MsrExit:
-        return (f"{what}: KVM_EXIT_X86_{ex.op.upper()} arrived "
+        return (f"{what}: KVM_EXIT_X86_{ex.instruction} arrived "
                 f"(index {ex.index:#x}, reason {ex.reason}, data {ex.data:#x})")
     return f"{what}: unexpected exit {ex!r}"
 
@@ -189,7 +192,7 @@ def _describe_hypercall(out: MicroOutcome) -> str:
 
 
 def probe(kvm: Kvm) -> dict:
-    """The probe report (design.md, ``kvmfilter probe --json``)."""
+    """The probe report (docs/contracts.md, ``kvmfilter probe --json``)."""
     features = {}
     for name, check in (("user_space_msr", _user_space_msr), ("msr_filter", _msr_filter),
                         ("exit_hypercall", _exit_hypercall),

@@ -1,0 +1,444 @@
+"""L5: `kvmfilter serve` - one VM per process behind a QMP control socket.
+
+Threads: the asyncio loop (main thread) owns every socket and client; vCPU
+threads only hand it readiness changes (the latest one, with a count: a guest
+that toggles as fast as it can costs the loop one wake-up per batch and a
+constant amount of memory).  The run state belongs to the VM (``Vmm.status``);
+the server asks, it keeps no copy.
+
+Lifecycle: signals are handled before the socket exists (a SIGTERM at any
+moment removes it); on ``quit``, SIGTERM or SIGINT the socket file goes first
+(no new client can come), the vCPUs stop (each finishes its access and journal
+commit), every committed transition is announced, SHUTDOWN is sent, and all
+clients are drained at once under one deadline (``DRAIN_DEADLINE``): a client
+that stopped reading is dropped, never waited for one after another.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Optional
+
+from ..base import version
+from ..policy.readiness import rfc3339
+from ..vm.machine import RunState, StateError
+from .commands import COMMANDS, check_arguments
+from .listen import bind_unix, unlink_quietly
+from .metrics import metrics_text, write_atomically
+from .notify import Notifier, watchdog_interval
+from .qmp import JsonStream, ParseError, QmpError, check_request, encode, event
+
+log = logging.getLogger("kvmfilter.daemon")
+
+READ_CHUNK = 65536
+# Replies and events are queued without waiting for the client; a client that
+# lets more than this pile up (it does not read) is dropped, never waited for.
+MAX_BACKLOG = 1 << 20
+DRAIN_DEADLINE = 1.0  # seconds to flush every client at shutdown, all at once
+METRICS_INTERVAL = 1.0  # the metrics file and sd_notify STATUS lag by at most this
+# MIGRATION_READINESS_CHANGED at most once per interval, QEMU-style: the first
+# change is sent at once, later ones in the interval collapse into the latest
+# (the journal and query-migration-readiness keep every one).
+EVENT_INTERVAL = 1.0
+PAUSE_TIMEOUT = 5.0
+CAPABILITIES: list[str] = []  # QMP capabilities offered (QEMU offers "oob")
+
+
+class Client:
+    """One connection: its JSON stream, negotiation state and write queue."""
+
+    def __init__(self, server: "Server", reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.stream = JsonStream()
+        self.negotiated = False
+        self.closed = False
+
+    def send(self, msg: dict) -> None:
+        if self.closed:
+            return
+        transport = self.writer.transport
+        if transport.is_closing():
+            self.closed = True
+            return
+        if transport.get_write_buffer_size() > MAX_BACKLOG:
+            log.warning("client_dropped_not_reading", extra={"backlog": MAX_BACKLOG})
+            self.closed = True
+            transport.abort()
+            return
+        self.writer.write(encode(msg))
+
+    async def serve(self) -> None:
+        self.send({"QMP": {"version": self.server.version_info(),
+                           "capabilities": CAPABILITIES}})
+        try:
+            while not self.closed:
+                data = await self.reader.read(READ_CHUNK)
+                if not data:
+                    break
+                for item in self.stream.feed(data):
+                    if self.closed:
+                        break
+                    await self.request(item)
+                    await asyncio.sleep(0)  # fairness: let other clients in between
+        except (ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:  # shutdown: the server closes us
+            pass
+        finally:
+            self.closed = True
+            self.writer.close()
+
+    async def request(self, item) -> None:
+        has_id, id_ = False, None
+        try:
+            if isinstance(item, ParseError):
+                raise item
+            if isinstance(item, dict) and "id" in item:
+                has_id, id_ = True, item["id"]
+            name, args = check_request(item)
+            if not self.negotiated:
+                if name != "qmp_capabilities":
+                    raise QmpError("Expecting capabilities negotiation with "
+                                   "'qmp_capabilities'", "CommandNotFound")
+                negotiate(args)
+                self.negotiated = True
+                result = {}
+            else:
+                result = await self.server.execute(name, args)
+        except QmpError as exc:
+            self.send(exc.reply(id_, has_id))
+            return
+        except Exception as exc:  # a bug answers this client; the daemon serves on
+            log.exception("command_failed")
+            self.send(QmpError(f"internal error: {type(exc).__name__}: {exc}")
+                      .reply(id_, has_id))
+            return
+        reply: dict = {"return": result}
+        if has_id:
+            reply["id"] = id_
+        self.send(reply)
+
+
+def negotiate(args: dict) -> None:
+    """qmp_capabilities {"enable": [...]}: QEMU's checks and wording."""
+    enable = args.get("enable", [])
+    unexpected = set(args) - {"enable"}
+    if unexpected:
+        raise QmpError(f"Parameter '{sorted(unexpected)[0]}' is unexpected")
+    if not isinstance(enable, list):
+        raise QmpError("Invalid parameter type for 'enable', expected: array")
+    for i, cap in enumerate(enable):
+        if not isinstance(cap, str):
+            raise QmpError(f"Invalid parameter type for 'enable[{i}]', expected: string")
+        if cap == "oob":
+            raise QmpError(f"Capability '{cap}' not available")
+        if cap not in CAPABILITIES:
+            raise QmpError(f"Parameter 'enable[{i}]' does not accept value '{cap}'")
+
+
+class Server:
+    """Serves one ``Vmm`` on a Unix socket until ``quit``, SIGTERM or SIGINT.
+
+    Args:
+        vmm: the VM (its vCPUs are started by ``run``).
+        kvm: the ``Kvm`` to start it with.
+        socket_path: where to listen (ignored when ``listen_socket`` is given).
+        metrics_file: a Prometheus textfile to keep current, or None.
+        listen_socket: a socket systemd passed (socket activation).
+    """
+
+    def __init__(self, vmm, kvm, socket_path: str, metrics_file: Optional[str] = None,
+                 listen_socket: Optional[socket.socket] = None):
+        self.vmm = vmm
+        self.kvm = kvm
+        self.name = vmm.options.name
+        self.socket_path = socket_path
+        self.metrics_file = metrics_file
+        self._listen_socket = listen_socket
+        self._owns_path = False  # True once we bound the path: then we remove it
+        self.clients: set[Client] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.notifier = Notifier()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._done: Optional[asyncio.Event] = None
+        self._lifecycle: Optional[asyncio.Lock] = None  # one stop/cont at a time
+        self._guest_stop_announced = False
+        self._shutdown_reason = "host-qmp-quit"  # QEMU's SHUTDOWN reasons
+        self._stop_detail = "shutdown"
+        self._dirty = True  # metrics/STATUS need rewriting
+        # Readiness changes from vCPU threads: only the latest waits for the loop.
+        self._latest_change: Optional[dict] = None
+        self._changes_lock = threading.Lock()
+        self._event_due = 0.0  # monotonic time the next readiness event may go
+        self._event_timer: Optional[asyncio.TimerHandle] = None
+        self._version = version()
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def status(self) -> RunState:
+        return self.vmm.status
+
+    def version_info(self) -> dict:
+        """QEMU's version shape (``qemu.qmp`` and ``qmp-shell`` read ``qemu``),
+        carrying kvmfilter's version; ``package`` says who is answering."""
+        parts = [int(p) if p.isdigit() else 0 for p in self._version.split(".")[:3]]
+        parts += [0] * (3 - len(parts))
+        triple = {"major": parts[0], "minor": parts[1], "micro": parts[2]}
+        return {"qemu": triple, "kvmfilter": triple, "package": f"kvmfilter {self._version}"}
+
+    def broadcast(self, msg: dict) -> None:
+        for client in list(self.clients):
+            if client.negotiated:
+                client.send(msg)
+
+    def broadcast_event(self, name: str, data: Optional[dict] = None) -> None:
+        self.broadcast(event(name, data))
+
+    def require_guest(self) -> None:
+        stop = self.vmm.stop_record
+        if stop is not None:
+            raise QmpError(f"the guest has stopped ({stop.reason})")
+
+    # -- commands ------------------------------------------------------------------
+
+    async def execute(self, name: str, args: dict):
+        if name == "qmp_capabilities":
+            raise QmpError("Capabilities negotiation is already complete, command ignored",
+                           "CommandNotFound")
+        command = COMMANDS.get(name)
+        if command is None:
+            raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+        check_arguments(command.params, args)
+        return await command.handler(self, args)
+
+    async def pause(self) -> None:
+        async with self._lifecycle:
+            self.require_guest()
+            if self.status is RunState.PAUSED:
+                return
+            try:
+                parked = await self._loop.run_in_executor(None, self.vmm.pause, PAUSE_TIMEOUT)
+            except StateError as exc:
+                raise QmpError(str(exc)) from None
+            if not parked:
+                raise QmpError(f"the vCPUs did not park within {PAUSE_TIMEOUT:g} s "
+                               "(one may be waiting for the journal); the guest runs on")
+            self.broadcast_event("STOP")
+            self._dirty = True
+            self.write_metrics()
+
+    async def resume(self) -> None:
+        async with self._lifecycle:
+            self.require_guest()
+            if self.status is RunState.RUNNING:
+                return
+            try:
+                self.vmm.resume()
+            except StateError as exc:
+                raise QmpError(str(exc)) from None
+            self.broadcast_event("RESUME")
+            self._dirty = True
+            self.write_metrics()
+
+    def request_shutdown(self, why: str) -> None:
+        self._loop.call_soon(self._shutdown, why)
+
+    def _shutdown(self, why: str) -> None:
+        if self._done is not None and not self._done.is_set():
+            log.info("daemon_stopping", extra={"why": why})
+            self._stop_detail = why
+            if why != "quit command":
+                self._shutdown_reason = "host-signal"
+            self.notifier.send("STOPPING=1")
+            self._done.set()
+
+    # -- readiness events ---------------------------------------------------------------
+
+    def _on_transition(self, t) -> None:
+        # A vCPU thread, under the policy's lock, after the journal committed the
+        # change: the event is built now, so its blocked-reasons are this
+        # transition's.  Only the latest change waits; the loop is woken only
+        # when none was waiting.
+        msg = event("MIGRATION_READINESS_CHANGED", {
+            "vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new),
+            "time": rfc3339(t.time), "transitions": self.vmm.control.transitions_total,
+            "blocked-reasons": self.vmm.blocked_reasons()})
+        with self._changes_lock:
+            wake = self._latest_change is None
+            self._latest_change = msg
+        if wake:
+            self._loop.call_soon_threadsafe(self._readiness_changed)
+
+    def _readiness_changed(self) -> None:
+        self._dirty = True
+        if self._event_timer is not None:
+            return  # the timer sends the latest when the interval ends
+        delay = self._event_due - time.monotonic()
+        if delay > 0:
+            self._event_timer = self._loop.call_later(delay, self._send_readiness)
+        else:
+            self._send_readiness()
+
+    def _send_readiness(self) -> None:
+        self._event_timer = None
+        with self._changes_lock:
+            msg, self._latest_change = self._latest_change, None
+        if msg is not None:
+            self.broadcast(msg)
+            self._event_due = time.monotonic() + EVENT_INTERVAL
+
+    # -- metrics and systemd ------------------------------------------------------------
+
+    def _status_line(self) -> str:
+        c = self.vmm.control
+        return (f"{self.status}; migration {'ready' if c.ready else 'not ready'} "
+                f"(value {c.value}, {c.transitions_total} transitions)")
+
+    def write_metrics(self) -> None:
+        if not self.metrics_file:
+            return
+        try:
+            write_atomically(self.metrics_file, metrics_text(self.vmm, self._version))
+        except OSError as exc:
+            log.warning("metrics_write_failed", extra={"path": self.metrics_file,
+                                                       "error": exc.strerror or str(exc)})
+
+    async def _tick(self) -> None:
+        """Every second: metrics (counters move without transitions), STATUS, watchdog."""
+        watchdog = watchdog_interval()
+        last_ping = 0.0
+        while not self._done.is_set():
+            now = time.monotonic()
+            if watchdog is not None and now - last_ping >= watchdog:
+                self.notifier.send("WATCHDOG=1")
+                last_ping = now
+            self.write_metrics()
+            if self._dirty:
+                self._dirty = False
+                self.notifier.send(f"STATUS={self._status_line()}")
+            wait = METRICS_INTERVAL if watchdog is None else min(METRICS_INTERVAL, watchdog)
+            try:
+                await asyncio.wait_for(self._done.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- the guest ----------------------------------------------------------------------
+
+    def _watch_guest(self) -> None:
+        self.vmm.wait()
+        self._loop.call_soon_threadsafe(self._guest_stopped)
+
+    def _guest_stopped(self) -> None:
+        stop = self.vmm.stop_record
+        if self._guest_stop_announced or stop is None:
+            return
+        self._guest_stop_announced = True
+        log.info("guest_stopped", extra={"reason": stop.reason, "code": stop.code})
+        self.broadcast_event("GUEST_STOPPED", stop.to_json())
+        self._dirty = True
+        self.write_metrics()
+
+    # -- connections and the main loop ------------------------------------------------------
+
+    async def _connected(self, reader, writer) -> None:
+        client = Client(self, reader, writer)
+        self.clients.add(client)
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await client.serve()
+        finally:
+            self.clients.discard(client)
+            self._tasks.discard(task)
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        self._lifecycle = asyncio.Lock()
+        # Signals first: a SIGTERM from here on is a clean shutdown that removes
+        # the socket, however early it comes.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._shutdown, signal.Signals(sig).name)
+        server = None
+        try:
+            sock = self._listen_socket
+            if sock is None:
+                sock = bind_unix(self.socket_path)
+                self._owns_path = True
+            server = await asyncio.start_unix_server(self._connected, sock=sock,
+                                                     limit=READ_CHUNK)
+            if not self._done.is_set():
+                await self._serve_vm()
+        finally:
+            await self._stop_everything(server)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.remove_signal_handler(sig)
+
+    async def _serve_vm(self) -> None:
+        self.vmm.control.add_listener(self._on_transition)  # the journal records first
+        self.vmm.start(self.kvm)
+        threading.Thread(target=self._watch_guest, name="guest-watch", daemon=True).start()
+        log.info("daemon_ready", extra={"socket": self.socket_path, "vm": self.name})
+        self.write_metrics()
+        self.notifier.send(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
+        await self._tick()
+
+    async def _stop_everything(self, server) -> None:
+        if self._owns_path:
+            unlink_quietly(self.socket_path)  # first: no new client can come
+        if server is not None:
+            server.close()
+        vmm = self.vmm
+        if vmm.started:
+            if vmm.stop_record is None:
+                vmm.stop("quit", f"the daemon stopped the guest ({self._stop_detail})")
+            # Joins every vCPU thread: each finishes its access (and its journal
+            # commit) before it leaves.
+            await self._loop.run_in_executor(None, vmm.wait)
+            self._guest_stopped()
+        if self._event_timer is not None:
+            self._event_timer.cancel()
+        self._send_readiness()  # the latest committed state is announced before SHUTDOWN
+        self.write_metrics()
+        self.broadcast_event("SHUTDOWN", {"guest": False, "reason": self._shutdown_reason})
+        await self._drain_clients()
+
+    async def _drain_clients(self) -> None:
+        clients = list(self.clients)
+
+        async def drain(client: Client) -> None:
+            try:
+                await client.writer.drain()
+            except Exception:
+                pass
+
+        if clients:
+            await asyncio.wait([asyncio.ensure_future(drain(c)) for c in clients],
+                               timeout=DRAIN_DEADLINE)
+        for client in clients:
+            client.closed = True
+            client.writer.transport.abort()
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def serve(vmm, kvm, socket_path: str, metrics_file: Optional[str] = None,
+          listen_socket: Optional[socket.socket] = None) -> Server:
+    server = Server(vmm, kvm, socket_path, metrics_file, listen_socket)
+    server.run()
+    return server

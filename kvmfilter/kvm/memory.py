@@ -1,0 +1,52 @@
+"""L1: host memory that backs guest RAM.
+
+Anonymous, private, ``MAP_NORESERVE``: a 64 GiB guest costs nothing until it
+touches a page, and nothing here ever reads a page it was not asked for.
+"""
+from __future__ import annotations
+
+from ._kvm import ffi, lib
+from .ioctls import KvmError
+
+PAGE_SIZE = 4096
+
+
+class GuestMemory:
+    """Zero-filled host memory for one guest RAM slot; ``view`` is its buffer."""
+
+    def __init__(self, size: int):
+        ptr = lib.mmap(ffi.NULL, size, lib.PROT_READ | lib.PROT_WRITE,
+                       lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, 0)
+        if ptr == lib.kvmf_map_failed():
+            raise KvmError(ffi.errno, "mmap guest memory")
+        self.ptr = ptr
+        self.size = size
+        self.address = int(ffi.cast("uintptr_t", ptr))
+        self.view = ffi.buffer(ffi.cast("char *", ptr), size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"write of {len(data)} bytes at {offset:#x} "
+                             f"outside {self.size:#x} bytes of guest memory")
+        self.view[offset:offset + len(data)] = data
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"read of {length} bytes at {offset:#x} "
+                             f"outside {self.size:#x} bytes of guest memory")
+        return self.view[offset:offset + length]
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            self.view = None
+            lib.munmap(self.ptr, self.size)
+            self.ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,342 @@
+"""L3: the MSR_KVM_MIGRATION_CONTROL policy and the readiness record.
+
+Pure: standard library only, no file descriptors, importable without /dev/kvm.
+This is what a custom VMM embeds: hand it every access to MSR 0x4b564d08 as
+``control.access(vcpu, op, data)`` and apply the verdict (``gp`` -> inject
+#GP, else complete the access; for RDMSR the guest reads ``verdict.value``).
+
+The rules (Documentation/virt/kvm/x86/msr.rst, MSR_KVM_MIGRATION_CONTROL, and
+the review of the 2021 SEV live-migration series; docs/kvm-abi.md):
+- the MSR exists only if CPUID 0x40000001.EAX bit 17 is advertised; if not,
+  every RDMSR and WRMSR gets #GP;
+- WRMSR with any bit but bit 0 (KVM_MIGRATION_READY) set gets #GP, value unchanged;
+- WRMSR 0 or 1 is accepted; the value is VM-wide and the last write wins;
+- RDMSR returns the value; it starts at 0 for a VM with encrypted memory,
+  1 for one without.
+
+Memory stays bounded however long a guest runs: the first ``ACCESS_LOG_LIMIT``
+accesses and the last ``HISTORY_LIMIT`` transitions are kept, with totals;
+a journal (``ReadinessJournal``) keeps every transition.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque, namedtuple
+from typing import Callable, Iterable, Optional
+
+from ..base import BadInput, StrEnum
+
+log = logging.getLogger("kvmfilter.policy")
+
+MSR_KVM_MIGRATION_CONTROL = 0x4B56_4D08  # asm/kvm_para.h
+KVM_MIGRATION_READY = 1 << 0  # asm/kvm_para.h
+KVM_FEATURE_MIGRATION_CONTROL = 17  # asm/kvm_para.h: CPUID 0x40000001.EAX bit
+
+ACCESS_LOG_LIMIT = 1024  # the run report keeps the first 1024 accesses, in order
+HISTORY_LIMIT = 1024  # ... and the last 1024 transitions (the journal has all)
+
+
+class Op(StrEnum):
+    """A guest access to the MSR."""
+    RDMSR = "rdmsr"
+    WRMSR = "wrmsr"
+
+
+class VerdictName(StrEnum):
+    OK = "ok"
+    GP = "gp"
+
+
+def rfc3339(t: float) -> str:
+    """Seconds since the epoch -> RFC 3339 UTC with microseconds."""
+    seconds = int(t // 1)
+    micros = int(round((t - seconds) * 1e6))
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+class Verdict(namedtuple("Verdict", "gp value")):
+    """What to do with one access.  ``value``: the MSR value after it (for
+    RDMSR, what the guest reads)."""
+    __slots__ = ()
+
+    @property
+    def name(self) -> VerdictName:
+        return VerdictName.GP if self.gp else VerdictName.OK
+
+
+class Transition(namedtuple("Transition", "vcpu old new time")):
+    """A change of the value; ``time`` in seconds since the epoch."""
+    __slots__ = ()
+
+    def to_json(self) -> dict:
+        return {"vcpu": self.vcpu, "from": self.old, "to": self.new,
+                "time": rfc3339(self.time)}
+
+
+# A source of accesses a VMM serviced itself with ``fast_rules()``: returns
+# (vcpu, op, verdict, count) rows, cumulative, read live whenever counts are.
+CountSource = Callable[[], Iterable[tuple]]
+
+
+class MigrationControl:
+    """The VM-wide migration-control MSR and its record.  Thread-safe.
+
+    Args:
+        advertised: CPUID 0x40000001.EAX bit 17 is set for the guest.
+        encrypted_memory: the VM models encrypted memory (initial value 0);
+            False models a plain VM (initial value 1).
+        clock: seconds since the epoch (tests pass a fake one).
+    """
+
+    def __init__(self, advertised: bool = True, encrypted_memory: bool = True,
+                 clock=time.time):
+        self.advertised = advertised
+        self.encrypted_memory = encrypted_memory
+        self.initial_value = 0 if encrypted_memory else KVM_MIGRATION_READY
+        self._value = self.initial_value
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._recorders: list = []  # callables taking a Transition, before the change
+        self._listeners: list = []  # callables taking a Transition, after it
+        self._count_sources: list[CountSource] = []
+        self.since = clock()  # when the value last changed (or the VM was created)
+        self.accesses: list[dict] = []
+        self._accesses_total = 0
+        self._verdicts = {VerdictName.OK: 0, VerdictName.GP: 0}
+        self._per_vcpu: dict[int, dict[str, int]] = {}
+        self._history: deque[Transition] = deque(maxlen=HISTORY_LIMIT)
+        self._transitions_total = 0
+
+    # -- the policy -----------------------------------------------------------
+
+    def decide(self, op: str, data: int, value: int) -> Verdict:
+        """The rule alone: no state, no record.  ``value`` is the current value."""
+        if op != Op.WRMSR and op != Op.RDMSR:
+            raise ValueError(f"op must be {Op.RDMSR!s} or {Op.WRMSR!s}, not {op!r}")
+        if not self.advertised:
+            return Verdict(True, value)
+        if op == Op.RDMSR:
+            return Verdict(False, value)
+        if data & ~KVM_MIGRATION_READY:
+            return Verdict(True, value)
+        return Verdict(False, data)
+
+    def access(self, vcpu: int, op: str, data: int = 0) -> Verdict:
+        """Decide one guest access, record it, and notify listeners of a change.
+
+        A change goes first to the recorders (the journal): if one raises, the
+        exception propagates and nothing changed - the VMM must not complete
+        the guest's write.  Then the value changes and the listeners run.  All
+        of it before this returns, so before the vCPU re-enters the guest.
+        """
+        with self._lock:
+            old = self._value
+            verdict = self.decide(op, data, old)
+            transition = None
+            if op == Op.WRMSR and not verdict.gp and verdict.value != old:
+                transition = Transition(vcpu, old, verdict.value, self._clock())
+                for recorder in self._recorders:
+                    recorder(transition)
+            self._count(vcpu, Op(op), verdict.name, 1)
+            if len(self.accesses) < ACCESS_LOG_LIMIT:
+                self.accesses.append({"vcpu": vcpu, "op": Op(op),
+                                      "data": data if op == Op.WRMSR
+                                      else 0 if verdict.gp else verdict.value,
+                                      "verdict": verdict.name})
+            if transition is not None:
+                self._transition(transition)
+            return verdict
+
+    def _count(self, vcpu: int, op: Op, verdict: VerdictName, n: int) -> None:
+        self._accesses_total += n
+        self._verdicts[verdict] += n
+        counts = self._per_vcpu.get(vcpu)
+        if counts is None:
+            counts = self._per_vcpu[vcpu] = {Op.RDMSR: 0, Op.WRMSR: 0}
+        counts[op] += n
+
+    def _transition(self, t: Transition) -> None:
+        self._value = t.new
+        self.since = t.time
+        self._history.append(t)
+        self._transitions_total += 1
+        log.info("migration_readiness_changed",
+                 extra={"vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new)})
+        for listener in self._listeners:
+            listener(t)
+
+    # -- accesses serviced outside access() ------------------------------------
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while deciding and while notifying listeners."""
+        return self._lock
+
+    def fast_rules(self) -> dict:
+        """The verdicts that change nothing, as rules a VMM may apply without
+        calling ``access()`` (kvmfilter's C run loop does).  Call with ``lock``
+        held; keep ``value`` current with a listener.  Writes that would change
+        the value are never covered: those must come to ``access()``.
+        """
+        return {"value": self._value,
+                "read_gp": not self.advertised,
+                "write_all_gp": not self.advertised,
+                "write_gp_mask": ~KVM_MIGRATION_READY & 0xFFFF_FFFF_FFFF_FFFF}
+
+    def add_count_source(self, source: CountSource) -> None:
+        """Count accesses a VMM serviced itself with ``fast_rules()``.
+
+        ``source()`` returns cumulative (vcpu, op, verdict, count) rows; it is
+        read whenever the totals are, so they are live while vCPUs run.
+        """
+        self._count_sources.append(source)
+
+    def _counted(self) -> tuple[int, dict, dict]:
+        """(total, verdicts, per_vcpu) including every count source."""
+        with self._lock:
+            total = self._accesses_total
+            verdicts = dict(self._verdicts)
+            per_vcpu = {v: dict(c) for v, c in self._per_vcpu.items()}
+        for source in self._count_sources:
+            for vcpu, op, verdict, n in source():
+                if n:
+                    total += n
+                    verdicts[verdict] += n
+                    counts = per_vcpu.setdefault(vcpu, {Op.RDMSR: 0, Op.WRMSR: 0})
+                    counts[op] += n
+        return total, verdicts, per_vcpu
+
+    @property
+    def accesses_total(self) -> int:
+        return self._counted()[0]
+
+    @property
+    def verdicts(self) -> dict:
+        return self._counted()[1]
+
+    @property
+    def per_vcpu(self) -> dict:
+        return self._counted()[2]
+
+    # -- observers ------------------------------------------------------------
+
+    def add_recorder(self, recorder) -> None:
+        """Call ``recorder(transition)`` before every change, in order, under the
+        lock; if it raises, the change does not happen (a journal's commit)."""
+        self._recorders.append(recorder)
+
+    def add_listener(self, listener) -> None:
+        """Call ``listener(transition)`` after every change, in order, under the lock."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener) -> None:
+        with self._lock:
+            self._listeners.remove(listener)
+
+    @property
+    def last_changed_by(self) -> Optional[int]:
+        """The vCPU whose write made the last change (None: no change yet)."""
+        return self._history[-1].vcpu if self._history else None
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @property
+    def ready(self) -> bool:
+        """The guest has announced it may be live-migrated (and could say so)."""
+        return self.advertised and bool(self._value & KVM_MIGRATION_READY)
+
+    @property
+    def transitions_total(self) -> int:
+        return self._transitions_total
+
+    def transitions(self) -> list[Transition]:
+        """The most recent transitions (at most HISTORY_LIMIT), oldest first."""
+        with self._lock:
+            return list(self._history)
+
+    def blocked_reasons(self, page_map=None, encryption_status=None,
+                        detail: str = "") -> list[str]:
+        """Why the guest may not be live-migrated now; empty when it may.
+
+        The same answer kvmfilter's own VMM gives: see ``gate.blocked_reasons``
+        for the arguments (without them, an encrypted-memory VM is blocked:
+        nothing says which of its pages are shared).
+        """
+        from .gate import blocked_reasons
+        return [b.text for b in blocked_reasons(self, page_map, encryption_status, detail)]
+
+    def snapshot(self) -> dict:
+        """The run report's ``migration`` section (docs/contracts.md)."""
+        total, verdicts, per_vcpu = self._counted()
+        with self._lock:
+            history = [t.to_json() for t in self._history]
+            return {
+                "advertised": self.advertised,
+                "value": self._value,
+                "ready": self.ready,
+                "initial_value": self.initial_value,
+                "accesses": list(self.accesses),
+                "accesses_total": total,
+                "verdicts": verdicts,
+                "per_vcpu": {str(v): c for v, c in sorted(per_vcpu.items())},
+                "transitions": history,
+                "transitions_total": self._transitions_total,
+                "transitions_omitted": self._transitions_total - len(history),
+                "since": rfc3339(self.since),
+            }
+
+    # -- carrying the state to another VMM (snapshots, migration) ---------------
+
+    def export_state(self) -> dict:
+        """Everything above as plain JSON, counts from every source folded in.
+
+        Take it with the vCPUs parked, so no access races the copy.
+        """
+        total, verdicts, per_vcpu = self._counted()
+        with self._lock:
+            return {"advertised": self.advertised,
+                    "encrypted_memory": self.encrypted_memory,
+                    "initial_value": self.initial_value,
+                    "value": self._value,
+                    "since": self.since,
+                    "accesses": list(self.accesses),
+                    "accesses_total": total,
+                    "verdicts": verdicts,
+                    "per_vcpu": {str(v): c for v, c in per_vcpu.items()},
+                    "history": [list(t) for t in self._history],
+                    "transitions_total": self._transitions_total}
+
+    @classmethod
+    def from_state(cls, state: dict, clock=time.time) -> "MigrationControl":
+        """A MigrationControl that continues where ``export_state`` left off.
+
+        Raises:
+            BadInput: the state is not one ``export_state`` wrote.
+        """
+        try:
+            mc = cls(advertised=bool(state["advertised"]),
+                     encrypted_memory=bool(state["encrypted_memory"]), clock=clock)
+            value = int(state["value"])
+            if value & ~KVM_MIGRATION_READY or int(state["initial_value"]) != mc.initial_value:
+                raise ValueError("value or initial value out of range")
+            mc._value = value
+            mc.since = float(state["since"])
+            mc.accesses = [{"vcpu": int(a["vcpu"]), "op": Op(a["op"]), "data": int(a["data"]),
+                            "verdict": VerdictName(a["verdict"])}
+                           for a in state["accesses"][:ACCESS_LOG_LIMIT]]
+            mc._accesses_total = int(state["accesses_total"])
+            mc._verdicts.update({VerdictName(k): int(v) for k, v in state["verdicts"].items()})
+            mc._per_vcpu = {int(v): {Op(op): int(n) for op, n in c.items()}
+                            for v, c in state["per_vcpu"].items()}
+            mc._history.extend(Transition(int(v), int(o), int(n), float(t))
+                               for v, o, n, t in state["history"][-HISTORY_LIMIT:])
+            mc._transitions_total = int(state["transitions_total"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInput(f"migration-control state is malformed: {exc}") from None
+        return mc

@@ -1,0 +1,4 @@
+/* hlt.S - HLT at once (every vCPU). */
+#include "contract.inc"
+_start:
+    hlt
