@@ -15,6 +15,7 @@ what kind of failure it is; the CLI maps them to exit statuses in one place:
 """
 from __future__ import annotations
 
+import functools
 from enum import Enum
 
 
@@ -46,6 +47,7 @@ class StrEnum(str, Enum):
         return f"{type(self).__name__}.{self.name}"
 
 
+@functools.lru_cache(maxsize=None)
 def version() -> str:
     """kvmfilter's version, from the installed package's metadata (the one source)."""
     from importlib.metadata import PackageNotFoundError

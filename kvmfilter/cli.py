@@ -102,6 +102,12 @@ def exit_status_for(exc: BaseException) -> tuple[int, str]:
     return EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}"
 
 
+def socket_option(f):
+    return click.option("--socket", "socket_path", envvar="KVMFILTER_SOCKET", required=True,
+                        type=click.Path(dir_okay=False),
+                        help="The daemon's socket; default $KVMFILTER_SOCKET.")(f)
+
+
 def _open_kvm():
     from .kvm.ioctls import Kvm
     return Kvm()
@@ -238,15 +244,47 @@ def _gate_hints(vmm) -> dict:
     return {b.text: GATE_HINTS[b.code] for b in vmm.blockers() if b.code in GATE_HINTS}
 
 
+# Options that shape the VM: with --incoming the stream's configuration decides them.
+VM_SHAPE = ("image", "memory", "vcpus", "no_migration_control", "no_map_gpa_range",
+            "plain_memory")
+
+
+def _incoming_overrides(ctx, kwargs: dict, **fixed) -> dict:
+    """What an incoming VM takes from the command line; a usage error for any
+    option the stream's configuration decides."""
+    from click.core import ParameterSource
+    given = [name for name in VM_SHAPE if kwargs.get(name) and (
+        name == "image" or ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE)]
+    if given:
+        raise click.UsageError(f"--incoming takes the VM's configuration from the stream; "
+                               f"drop {', '.join(n.replace('_', '-') for n in given)}")
+    overrides = {"journal": kwargs["journal"], "timeout": kwargs["timeout"], **fixed}
+    if ctx.get_parameter_source("name") is ParameterSource.COMMANDLINE:
+        overrides["name"] = kwargs["name"]
+    return overrides
+
+
+def _incoming_uri(text: str, schemes):
+    from .migrate.transport import parse_uri
+    try:
+        return parse_uri(text, schemes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--incoming") from None
+
+
 @cli.command()
 @run_options
+@click.option("--incoming", metavar="file:PATH",
+              help="Restore the VM saved in PATH (a snapshot: `migrate` to file:) and "
+              "run it instead of booting IMAGE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
 @click.option("--tap", "as_tap", is_flag=True,
               help="Print strict TAP 13 (the guest's results, the host's checks, the "
               "exit) and nothing else on stdout.")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
               help="Also write the results as JUnit XML to this file (for CI).")
-def run(as_json: bool, as_tap: bool, junit_path, **kwargs) -> None:
+@click.pass_context
+def run(ctx, incoming, as_json: bool, as_tap: bool, junit_path, **kwargs) -> None:
     """Run IMAGE (default: the bundled conformance guest) and report.
 
     IMAGE is a flat real-mode binary loaded at 0x7C00 (see README), or
@@ -259,11 +297,18 @@ def run(as_json: bool, as_tap: bool, junit_path, **kwargs) -> None:
 
     if as_json and as_tap:
         raise click.UsageError("--json and --tap both want stdout; choose one")
-    options = _options(**kwargs)
+    if incoming is not None:
+        from .migrate.destination import restore_file
+        uri = _incoming_uri(incoming, ("file",))
+        overrides = _incoming_overrides(ctx, kwargs, hlt_parks=False)
+        kvm = _open_kvm()
+        vmm, _ = restore_file(kvm, uri.path, **overrides)
+    else:
+        vmm, kvm = Vmm(None, _options(**kwargs)), None  # image and journal checked first
     interrupted = False
-    with Vmm(None, options) as vmm:  # image and journal are checked before KVM is opened
+    with vmm:
         try:
-            vmm.run(_open_kvm())
+            vmm.run(kvm or _open_kvm())
         except KeyboardInterrupt:
             if vmm.result is None:
                 raise
@@ -311,6 +356,114 @@ def journal(path: str, vm_name: str | None, as_json: bool) -> None:
                    f"  ({'ready' if r.new else 'not ready'})")
 
 
+# -- snapshots and migration ----------------------------------------------------------
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show what the snapshot PATH holds, verifying every checksum (exit 2 if damaged)."""
+    from .migrate.inspect import inspect_file
+
+    info = inspect_file(path)
+    if as_json:
+        _emit_json(info)
+        return
+    f, vm = info["format"], info["config"].get("vm", {})
+    click.echo(f"{path}: kvmfilter stream version {f['version']}, {f['sections']} sections, "
+               f"{f['bytes']} bytes, checksums verified")
+    src = info["config"].get("source", {})
+    click.echo(f"VM {vm.get('name')!r} ({vm.get('label')}): {vm.get('memory')} bytes of "
+               f"memory, {vm.get('vcpus')} vCPUs; saved by kvmfilter "
+               f"{info['config'].get('kvmfilter')} on {info['config'].get('host')} "
+               f"(run {src.get('run')})")
+    ram = info["ram"]
+    click.echo(f"RAM: {ram['pages']} pages with data ({ram['bytes']} bytes) in "
+               f"{ram['ranges_total']} ranges, {ram['zero_pages']} zero pages")
+    for v in info["vcpus"]:
+        click.echo(f"vCPU {v['index']}: {v.get('mode')} mode, RIP {v.get('rip', 0):#x}, "
+                   f"{v['msrs']} MSRs")
+    r = info["readiness"]
+    if r:
+        click.echo(f"migration control: {'advertised' if r['advertised'] else 'not advertised'}"
+                   f", value {r['value']}, {'READY' if r['ready'] else 'not ready'} since "
+                   f"{r['since']}; {r['transitions_total']} transitions, "
+                   f"{r['accesses_total']} accesses")
+        for t in r["transitions"][-10:]:
+            click.echo(f"  {t['time']}  vCPU {t['vcpu']}: {t['from']} -> {t['to']}")
+    pm = info["page_map"] or {}
+    if pm.get("tracking"):
+        shared = sum(e - b for b, e in pm.get("ranges", []))
+        click.echo(f"page map: {shared} bytes shared in {len(pm.get('ranges', []))} ranges")
+
+
+@cli.command()
+@socket_option
+@click.argument("uri")
+@click.option("--downtime-limit", type=click.IntRange(0, 2_000_000), metavar="MS",
+              help="The longest the guest may stay stopped (QEMU's downtime-limit); "
+              "default: the daemon's (300 ms).")
+@click.option("--json", "as_json", is_flag=True, help="Print query-migrate's final answer.")
+def migrate(socket_path: str, uri: str, downtime_limit: int | None, as_json: bool) -> None:
+    """Move (or save) the VM served on --socket to URI: unix:PATH, tcp:HOST:PORT or
+    file:PATH, and wait for the outcome.
+
+    Only a guest that announced READY is moved; the migration fails (and the
+    source runs on) if it takes that back.  Exit 0 when completed, 1 when
+    refused or failed.
+    """
+    import json
+    import time
+
+    from .daemon.client import QmpClientError
+    with _connect(socket_path, timeout=30.0) as client:
+        try:
+            if downtime_limit is not None:
+                _check_reply(client.execute("migrate-set-parameters",
+                                            {"downtime-limit": downtime_limit}), "migrate")
+            _check_reply(client.execute("migrate", {"uri": uri}), "migrate")
+            tty = sys.stderr.isatty()
+            while True:
+                info = _check_reply(client.execute("query-migrate"), "query-migrate")
+                if info.get("status") in ("completed", "failed", "cancelled"):
+                    break
+                if tty:
+                    _progress(info)
+                time.sleep(0.1)
+        except (EOFError, QmpClientError) as exc:
+            raise Failure(f"{socket_path}: lost the daemon during the migration: {exc}",
+                          EXIT_FAILED) from None
+    if tty:
+        click.echo("", err=True)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    ram = info.get("ram", {})
+    if info["status"] == "completed":
+        if not as_json:
+            click.echo(f"completed: total {info.get('total-time')} ms, downtime "
+                       f"{info.get('downtime')} ms, {ram.get('transferred')} bytes, "
+                       f"{info.get('x-rounds')} rounds"
+                       + (f" (pre-copy {info['x-precopy']})" if info.get("x-precopy") else ""))
+        return
+    click.echo(f"kvmfilter: migrate: {info['status']}: {info.get('error-desc', '')}", err=True)
+    sys.exit(EXIT_FAILED)
+
+
+def _check_reply(reply: dict, command: str):
+    if "error" in reply:
+        err = reply["error"]
+        raise Failure(f"{command}: {err.get('desc')}", EXIT_FAILED)
+    return reply.get("return")
+
+
+def _progress(info: dict) -> None:
+    ram = info.get("ram", {})
+    click.echo(f"\r{info.get('status')}: round {info.get('x-rounds', 0)}, "
+               f"{ram.get('transferred', 0) / 1e6:.1f} MB sent, "
+               f"{ram.get('mbps', 0):.0f} Mbit/s, {ram.get('remaining', 0) / 1e6:.1f} MB "
+               "dirty   ", nl=False, err=True)
+
+
 # -- the daemon -----------------------------------------------------------------------
 
 def serve_options(f):
@@ -325,7 +478,13 @@ def serve_options(f):
               "Under systemd socket activation, the passed socket is served instead.")
 @click.option("--metrics-file", type=click.Path(dir_okay=False),
               help="Prometheus textfile to keep current (replaced atomically, mode 0644).")
-def serve(socket_path: str, metrics_file: str | None, **kwargs) -> None:
+@click.option("--incoming", metavar="URI",
+              help="Take the VM from a migration instead of booting IMAGE: unix:PATH or "
+              "tcp:HOST:PORT (listen for one source), file:PATH (a snapshot), or defer "
+              "(wait for QMP migrate-incoming).  Status is inmigrate until it arrives.")
+@click.pass_context
+def serve(ctx, socket_path: str, metrics_file: str | None, incoming: str | None,
+          **kwargs) -> None:
     """Run IMAGE (default: bundled:ready_wait) as a daemon with a QMP control
     socket, until `quit`, SIGTERM or SIGINT.
 
@@ -344,17 +503,34 @@ def serve(socket_path: str, metrics_file: str | None, **kwargs) -> None:
     # a clean exit 0 (nothing has run, nothing to flush), not death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(EXIT_OK))
-    if kwargs["image"] is None:
-        kwargs["image"] = "bundled:ready_wait"
-    options = _options(hlt_parks=True, **kwargs)
     if metrics_file:
         check_metrics_path(metrics_file)
+    if incoming is not None:
+        overrides = _incoming_overrides(ctx, kwargs, hlt_parks=True)
+        uri = None if incoming == "defer" else _incoming_uri(incoming, ("file", "unix", "tcp"))
+        vmm = None
+    else:
+        if kwargs["image"] is None:
+            kwargs["image"] = "bundled:ready_wait"
+        vmm = Vmm(None, _options(hlt_parks=True, **kwargs))  # image, journal checked first
     try:
-        listen_socket = activated_socket()
-    except ValueError as exc:
-        raise Failure(f"socket activation: {exc}", EXIT_USAGE) from None
-    with Vmm(None, options) as vmm:
-        run_daemon(vmm, _open_kvm(), socket_path, metrics_file, listen_socket)
+        try:
+            listen_socket = activated_socket()
+        except ValueError as exc:
+            raise Failure(f"socket activation: {exc}", EXIT_USAGE) from None
+        kvm = _open_kvm()
+        incoming_job = None
+        if incoming is not None and uri is not None:
+            from .migrate.destination import Incoming
+            incoming_job = Incoming(kvm, uri, **overrides)
+            incoming_job.listen()  # the address is taken (or refused) before we go on
+        status = run_daemon(vmm, kvm, socket_path, metrics_file, listen_socket,
+                            incoming_job, kwargs["name"],
+                            overrides if incoming is not None else {})
+    finally:
+        if vmm is not None:
+            vmm.close()
+    sys.exit(status)
 
 
 def _connect(socket_path: str, timeout):
@@ -377,12 +553,6 @@ def _connect(socket_path: str, timeout):
                       EXIT_USAGE) from None
     except (OSError, EOFError, QmpClientError) as exc:
         raise Failure(f"{socket_path}: not a kvmfilter daemon ({exc})", EXIT_FAILED) from None
-
-
-def socket_option(f):
-    return click.option("--socket", "socket_path", envvar="KVMFILTER_SOCKET", required=True,
-                        type=click.Path(dir_okay=False),
-                        help="The daemon's socket; default $KVMFILTER_SOCKET.")(f)
 
 
 @cli.command()

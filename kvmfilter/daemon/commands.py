@@ -121,6 +121,7 @@ async def cont(server, args):
 @command("system_powerdown")
 async def system_powerdown(server, args):
     server.require_guest()
+    server.migrations.refuse_while_running("system_powerdown")
     server.vmm.request_powerdown()
     server.broadcast_event("POWERDOWN")
     return {}
@@ -129,4 +130,65 @@ async def system_powerdown(server, args):
 @command("quit", needs_vm=False)
 async def quit_(server, args):
     server.request_shutdown("quit command")
+    return {}
+
+
+# -- migration (QEMU's commands) ----------------------------------------------------------
+
+@command("migrate", Param("uri", "str", True), Param("detach", "bool"),
+         Param("resume", "bool"))
+async def migrate(server, args):
+    """Returns at once; progress in query-migrate and MIGRATION events."""
+    if args.get("resume"):
+        raise QmpError("kvmfilter has no post-copy to resume")
+    server.require_guest()
+    async with server.lifecycle:
+        server.migrations.start(server.vmm, args["uri"])
+    return {}
+
+
+@command("migrate_cancel")
+async def migrate_cancel(server, args):
+    server.migrations.cancel()
+    return {}
+
+
+@command("query-migrate", needs_vm=False)
+async def query_migrate(server, args):
+    return server.migrations.query()
+
+
+@command("migrate-set-parameters", Param("downtime-limit", "int"),
+         Param("x-max-rounds", "int"), Param("x-stall-timeout", "int"), needs_vm=False)
+async def migrate_set_parameters(server, args):
+    try:
+        server.migrations.params.update(args)
+    except ValueError as exc:
+        raise QmpError(str(exc)) from None
+    return {}
+
+
+@command("query-migrate-parameters", needs_vm=False)
+async def query_migrate_parameters(server, args):
+    return server.migrations.params.to_json()
+
+
+@command("migrate-incoming", Param("uri", "str", True), needs_vm=False)
+async def migrate_incoming(server, args):
+    """Only for a daemon started with --incoming defer, once."""
+    from ..migrate.destination import Incoming
+    from ..migrate.transport import parse_uri
+    if server.vmm is not None or server.incoming is not None:
+        raise QmpError("The incoming migration has already been started (or this daemon "
+                       "was not started with --incoming defer)")
+    try:
+        uri = parse_uri(args["uri"])
+    except ValueError as exc:
+        raise QmpError(str(exc)) from None
+    incoming = server.make_incoming(uri)
+    try:
+        incoming.listen()
+    except ValueError as exc:
+        raise QmpError(str(exc)) from None
+    server.start_incoming(incoming)
     return {}

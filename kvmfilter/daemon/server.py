@@ -1,10 +1,10 @@
 """L5: `kvmfilter serve` - one VM per process behind a QMP control socket.
 
 Threads: the asyncio loop (main thread) owns every socket and client; vCPU
-threads only hand it readiness changes (the latest one, with a count: a guest
-that toggles as fast as it can costs the loop one wake-up per batch and a
-constant amount of memory).  The run state belongs to the VM (``Vmm.status``);
-the server asks, it keeps no copy.
+threads hand it readiness changes (daemon/events.py), migration threads their
+progress (daemon/migration.py).  The run state belongs to the VM
+(``Vmm.status``); the server asks, it keeps no copy - until an incoming
+migration has built the VM, the status is ``inmigrate``.
 
 Lifecycle: signals are handled before the socket exists (a SIGTERM at any
 moment removes it); on ``quit``, SIGTERM or SIGINT the socket file goes first
@@ -25,11 +25,13 @@ import time
 from typing import Optional
 
 from ..base import version
-from ..policy.readiness import rfc3339
+from ..migrate.destination import Incoming
+from ..migrate.transport import bind_unix, unlink_quietly
 from ..vm.machine import RunState, StateError
 from .commands import COMMANDS, check_arguments
-from .listen import bind_unix, unlink_quietly
+from .events import ReadinessEvents
 from .metrics import metrics_text, write_atomically
+from .migration import Migrations
 from .notify import Notifier, watchdog_interval
 from .qmp import JsonStream, ParseError, QmpError, check_request, encode, event
 
@@ -41,10 +43,6 @@ READ_CHUNK = 65536
 MAX_BACKLOG = 1 << 20
 DRAIN_DEADLINE = 1.0  # seconds to flush every client at shutdown, all at once
 METRICS_INTERVAL = 1.0  # the metrics file and sd_notify STATUS lag by at most this
-# MIGRATION_READINESS_CHANGED at most once per interval, QEMU-style: the first
-# change is sent at once, later ones in the interval collapse into the latest
-# (the journal and query-migration-readiness keep every one).
-EVENT_INTERVAL = 1.0
 PAUSE_TIMEOUT = 5.0
 CAPABILITIES: list[str] = []  # QMP capabilities offered (QEMU offers "oob")
 
@@ -145,23 +143,30 @@ def negotiate(args: dict) -> None:
 
 
 class Server:
-    """Serves one ``Vmm`` on a Unix socket until ``quit``, SIGTERM or SIGINT.
+    """Serves one VM on a Unix socket until ``quit``, SIGTERM or SIGINT.
 
     Args:
-        vmm: the VM (its vCPUs are started by ``run``).
+        vmm: the VM (its vCPUs are started by ``run``), or None when it will
+            come from an incoming migration.
         kvm: the ``Kvm`` to start it with.
         socket_path: where to listen (ignored when ``listen_socket`` is given).
         metrics_file: a Prometheus textfile to keep current, or None.
         listen_socket: a socket systemd passed (socket activation).
+        incoming: the ``Incoming`` to wait for (``serve --incoming URI``); with
+            neither ``vmm`` nor ``incoming``, wait for QMP migrate-incoming.
+        name: the VM's name before it exists (an incoming migration).
     """
 
     def __init__(self, vmm, kvm, socket_path: str, metrics_file: Optional[str] = None,
-                 listen_socket: Optional[socket.socket] = None):
+                 listen_socket: Optional[socket.socket] = None,
+                 incoming: Optional[Incoming] = None, name: str = "vm"):
         self.vmm = vmm
         self.kvm = kvm
-        self.name = vmm.options.name
+        self.name = vmm.options.name if vmm is not None else name
         self.socket_path = socket_path
         self.metrics_file = metrics_file
+        self.incoming = incoming
+        self.exit_status = 0
         self._listen_socket = listen_socket
         self._owns_path = False  # True once we bound the path: then we remove it
         self.clients: set[Client] = set()
@@ -169,23 +174,22 @@ class Server:
         self.notifier = Notifier()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._done: Optional[asyncio.Event] = None
+        self._vm_ready: Optional[asyncio.Event] = None
         self._lifecycle: Optional[asyncio.Lock] = None  # one stop/cont at a time
+        self.incoming_overrides: dict = {}  # what an incoming VM takes from the command line
+        self.events: Optional[ReadinessEvents] = None
+        self.migrations: Optional[Migrations] = None
         self._guest_stop_announced = False
         self._shutdown_reason = "host-qmp-quit"  # QEMU's SHUTDOWN reasons
         self._stop_detail = "shutdown"
         self._dirty = True  # metrics/STATUS need rewriting
-        # Readiness changes from vCPU threads: only the latest waits for the loop.
-        self._latest_change: Optional[dict] = None
-        self._changes_lock = threading.Lock()
-        self._event_due = 0.0  # monotonic time the next readiness event may go
-        self._event_timer: Optional[asyncio.TimerHandle] = None
         self._version = version()
 
     # -- state ---------------------------------------------------------------------
 
     @property
     def status(self) -> RunState:
-        return self.vmm.status
+        return RunState.INMIGRATE if self.vmm is None else self.vmm.status
 
     def version_info(self) -> dict:
         """QEMU's version shape (``qemu.qmp`` and ``qmp-shell`` read ``qemu``),
@@ -204,6 +208,9 @@ class Server:
         self.broadcast(event(name, data))
 
     def require_guest(self) -> None:
+        """Refuse a lifecycle command when there is no guest to apply it to."""
+        if self.vmm is None:
+            raise QmpError("no VM yet: waiting for an incoming migration")
         stop = self.vmm.stop_record
         if stop is not None:
             raise QmpError(f"the guest has stopped ({stop.reason})")
@@ -218,12 +225,15 @@ class Server:
         if command is None:
             raise QmpError(f"The command {name} has not been found", "CommandNotFound")
         check_arguments(command.params, args)
+        if command.needs_vm and self.vmm is None:
+            raise QmpError(f"{name}: no VM yet (the daemon waits for an incoming migration)")
         return await command.handler(self, args)
 
     async def pause(self) -> None:
-        async with self._lifecycle:
+        async with self.lifecycle:
             self.require_guest()
-            if self.status is RunState.PAUSED:
+            self.migrations.refuse_while_running("stop")
+            if self.status in (RunState.PAUSED, RunState.POSTMIGRATE):
                 return
             try:
                 parked = await self._loop.run_in_executor(None, self.vmm.pause, PAUSE_TIMEOUT)
@@ -237,8 +247,12 @@ class Server:
             self.write_metrics()
 
     async def resume(self) -> None:
-        async with self._lifecycle:
+        async with self.lifecycle:
             self.require_guest()
+            self.migrations.refuse_while_running("cont")
+            if self.migrations.moved_to:
+                raise QmpError(f"the guest was migrated to {self.migrations.moved_to} and "
+                               "runs there now; refusing to run a second copy")
             if self.status is RunState.RUNNING:
                 return
             try:
@@ -261,50 +275,20 @@ class Server:
             self.notifier.send("STOPPING=1")
             self._done.set()
 
-    # -- readiness events ---------------------------------------------------------------
-
-    def _on_transition(self, t) -> None:
-        # A vCPU thread, under the policy's lock, after the journal committed the
-        # change: the event is built now, so its blocked-reasons are this
-        # transition's.  Only the latest change waits; the loop is woken only
-        # when none was waiting.
-        msg = event("MIGRATION_READINESS_CHANGED", {
-            "vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new),
-            "time": rfc3339(t.time), "transitions": self.vmm.control.transitions_total,
-            "blocked-reasons": self.vmm.blocked_reasons()})
-        with self._changes_lock:
-            wake = self._latest_change is None
-            self._latest_change = msg
-        if wake:
-            self._loop.call_soon_threadsafe(self._readiness_changed)
-
-    def _readiness_changed(self) -> None:
-        self._dirty = True
-        if self._event_timer is not None:
-            return  # the timer sends the latest when the interval ends
-        delay = self._event_due - time.monotonic()
-        if delay > 0:
-            self._event_timer = self._loop.call_later(delay, self._send_readiness)
-        else:
-            self._send_readiness()
-
-    def _send_readiness(self) -> None:
-        self._event_timer = None
-        with self._changes_lock:
-            msg, self._latest_change = self._latest_change, None
-        if msg is not None:
-            self.broadcast(msg)
-            self._event_due = time.monotonic() + EVENT_INTERVAL
-
     # -- metrics and systemd ------------------------------------------------------------
 
     def _status_line(self) -> str:
+        if self.vmm is None:
+            return f"{self.status}: waiting for an incoming migration"
         c = self.vmm.control
         return (f"{self.status}; migration {'ready' if c.ready else 'not ready'} "
                 f"(value {c.value}, {c.transitions_total} transitions)")
 
+    def mark_dirty(self) -> None:
+        self._dirty = True
+
     def write_metrics(self) -> None:
-        if not self.metrics_file:
+        if not self.metrics_file or self.vmm is None:
             return
         try:
             write_atomically(self.metrics_file, metrics_text(self.vmm, self._version))
@@ -360,13 +344,17 @@ class Server:
             self.clients.discard(client)
             self._tasks.discard(task)
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until shutdown; the exit status (1: an incoming migration failed)."""
         asyncio.run(self._main())
+        return self.exit_status
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        self._vm_ready = asyncio.Event()
         self._lifecycle = asyncio.Lock()
+        self.migrations = Migrations(self._loop, self.broadcast_event)
         # Signals first: a SIGTERM from here on is a clean shutdown that removes
         # the socket, however early it comes.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -379,38 +367,90 @@ class Server:
                 self._owns_path = True
             server = await asyncio.start_unix_server(self._connected, sock=sock,
                                                      limit=READ_CHUNK)
+            if self.vmm is None:
+                if self.incoming is not None:
+                    self.start_incoming(self.incoming)
+                self.notifier.send(f"READY=1\nSTATUS={self._status_line()}\n"
+                                   f"MAINPID={os.getpid()}")
+                log.info("daemon_waiting_for_incoming_migration",
+                         extra={"socket": self.socket_path})
+                await self._wait_for_vm()
+            elif not self._done.is_set():
+                self._adopt(self.vmm, start=True)
+                self.notifier.send(f"READY=1\nSTATUS={self._status_line()}\n"
+                                   f"MAINPID={os.getpid()}")
             if not self._done.is_set():
-                await self._serve_vm()
+                await self._tick()
         finally:
             await self._stop_everything(server)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.remove_signal_handler(sig)
 
-    async def _serve_vm(self) -> None:
-        self.vmm.control.add_listener(self._on_transition)  # the journal records first
-        self.vmm.start(self.kvm)
+    async def _wait_for_vm(self) -> None:
+        done = asyncio.ensure_future(self._done.wait())
+        ready = asyncio.ensure_future(self._vm_ready.wait())
+        await asyncio.wait([done, ready], return_when=asyncio.FIRST_COMPLETED)
+        for f in (done, ready):
+            f.cancel()
+
+    @property
+    def lifecycle(self) -> asyncio.Lock:
+        return self._lifecycle
+
+    def make_incoming(self, uri) -> Incoming:
+        """An ``Incoming`` for ``uri`` with this daemon's command-line overrides."""
+        return Incoming(self.kvm, uri, **self.incoming_overrides)
+
+    def start_incoming(self, incoming: Incoming) -> None:
+        """Receive ``incoming`` in the background (serve --incoming, migrate-incoming)."""
+        self.incoming = incoming
+        incoming.on_event = self.migrations.on_incoming_event
+        incoming.before_start = self._wire
+        self.migrations.receive(incoming, self._adopt, self._incoming_failed)
+
+    def _incoming_failed(self, reason: str) -> None:
+        log.error("incoming_migration_failed", extra={"error": reason})
+        self.exit_status = 1
+        self._shutdown(f"the incoming migration failed: {reason}")
+
+    def _wire(self, vmm) -> None:
+        """Before a VM's vCPUs start: hear its transitions (after the journal)."""
+        self.events = ReadinessEvents(self._loop, vmm, self.broadcast, self.mark_dirty)
+        vmm.control.add_listener(self.events.on_transition)
+
+    def _adopt(self, vmm, start: bool = False) -> None:
+        """The VM is here (built at start-up, or by an incoming migration)."""
+        self.vmm = vmm
+        self.name = vmm.options.name
+        if start:
+            self._wire(vmm)
+            vmm.start(self.kvm)
         threading.Thread(target=self._watch_guest, name="guest-watch", daemon=True).start()
-        log.info("daemon_ready", extra={"socket": self.socket_path, "vm": self.name})
+        log.info("daemon_ready", extra={"socket": self.socket_path, "vm": self.name,
+                                        "status": str(self.status)})
+        self._dirty = True
         self.write_metrics()
-        self.notifier.send(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
-        await self._tick()
+        self._vm_ready.set()
 
     async def _stop_everything(self, server) -> None:
         if self._owns_path:
             unlink_quietly(self.socket_path)  # first: no new client can come
         if server is not None:
             server.close()
+        if self.migrations is not None:
+            self.migrations.abandon_incoming()
+            self.migrations.cancel()
+            await self._loop.run_in_executor(None, self.migrations.wait, 10.0)
         vmm = self.vmm
-        if vmm.started:
+        if vmm is not None and vmm.started:
             if vmm.stop_record is None:
                 vmm.stop("quit", f"the daemon stopped the guest ({self._stop_detail})")
             # Joins every vCPU thread: each finishes its access (and its journal
             # commit) before it leaves.
             await self._loop.run_in_executor(None, vmm.wait)
             self._guest_stopped()
-        if self._event_timer is not None:
-            self._event_timer.cancel()
-        self._send_readiness()  # the latest committed state is announced before SHUTDOWN
+        if self.events is not None:
+            self.events.flush()  # the latest committed state is announced before SHUTDOWN
         self.write_metrics()
         self.broadcast_event("SHUTDOWN", {"guest": False, "reason": self._shutdown_reason})
         await self._drain_clients()
@@ -438,7 +478,15 @@ class Server:
 
 
 def serve(vmm, kvm, socket_path: str, metrics_file: Optional[str] = None,
-          listen_socket: Optional[socket.socket] = None) -> Server:
-    server = Server(vmm, kvm, socket_path, metrics_file, listen_socket)
-    server.run()
-    return server
+          listen_socket: Optional[socket.socket] = None,
+          incoming: Optional[Incoming] = None, name: str = "vm",
+          incoming_overrides: Optional[dict] = None) -> int:
+    """Run the daemon; its exit status.  A VM that arrived by migration is
+    closed here; one passed in belongs to the caller."""
+    server = Server(vmm, kvm, socket_path, metrics_file, listen_socket, incoming, name)
+    server.incoming_overrides = incoming_overrides or {}
+    try:
+        return server.run()
+    finally:
+        if vmm is None and server.vmm is not None:
+            server.vmm.close()

@@ -44,6 +44,14 @@ def with_pv_features(entries: Iterable[CpuidEntry], set_bits: int,
             for e in entries]
 
 
+def pv_bits(entries: Iterable[CpuidEntry]) -> int:
+    """KVM_CPUID_FEATURES.EAX of a table (0 if it has no such leaf)."""
+    for e in entries:
+        if e.function == lib.KVM_CPUID_FEATURES:
+            return e.eax
+    return 0
+
+
 def per_vcpu(entries: Iterable[CpuidEntry], index: int, count: int) -> list[CpuidEntry]:
     """Leaf 1 EBX as hardware sets it: [31:24] initial APIC ID = the vCPU index,
     [23:16] the number of logical CPUs, so a guest can find its siblings."""

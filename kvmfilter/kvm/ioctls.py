@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 DEV_KVM = "/dev/kvm"
 KVM_API_VERSION = 12
+MAX_IO_MSRS = 256  # arch/x86/kvm/x86.c: KVM_GET/SET_MSRS take fewer entries than this
 
 
 def default_device() -> str:
@@ -410,25 +411,35 @@ class Vcpu(_Fd):
 
         KVM ABI: api.rst, KVM_GET_MSRS returns how many entries it read and
         stops at the first it cannot; that one is skipped and the rest asked
-        again, so one unreadable MSR does not hide the others.
+        again, so one MSR the vCPU's model lacks does not hide the others.
+        At most MAX_IO_MSRS - 1 entries go in one call (x86.c: E2BIG).
         """
         out: list[tuple[int, int]] = []
         todo = list(indices)
         while todo:
-            msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(todo), "entries": len(todo)})
-            for entry, index in zip(msrs.entries, todo):
+            batch = todo[:MAX_IO_MSRS - 1]
+            msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(batch), "entries": len(batch)})
+            for entry, index in zip(msrs.entries, batch):
                 entry.index = index
             n = _check(lib.kvmf_ioctl(self.fd, lib.KVM_GET_MSRS, msrs), "KVM_GET_MSRS")
             out += [(e.index, e.data) for e in msrs.entries[0:n]]
-            todo = todo[n + 1:]
+            todo = todo[n + 1:] if n < len(batch) else todo[n:]
         return out
 
     def set_msrs(self, entries: Sequence[tuple[int, int]]) -> int:
-        """KVM_SET_MSRS: how many of ``entries`` KVM accepted, in order."""
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(entries), "entries": len(entries)})
-        for slot, (index, data) in zip(msrs.entries, entries):
-            slot.index, slot.data = index, data
-        return _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_MSRS, msrs), "KVM_SET_MSRS")
+        """KVM_SET_MSRS: how many of ``entries`` KVM accepted, in order (it
+        stops at the first it refuses; QEMU and Firecracker treat that as fatal)."""
+        done = 0
+        for start in range(0, len(entries), MAX_IO_MSRS - 1):
+            batch = entries[start:start + MAX_IO_MSRS - 1]
+            msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(batch), "entries": len(batch)})
+            for slot, (index, data) in zip(msrs.entries, batch):
+                slot.index, slot.data = index, data
+            n = _check(lib.kvmf_ioctl(self.fd, lib.KVM_SET_MSRS, msrs), "KVM_SET_MSRS")
+            done += n
+            if n < len(batch):
+                break
+        return done
 
     # -- running --------------------------------------------------------------------
 

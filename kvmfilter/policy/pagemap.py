@@ -101,6 +101,12 @@ class PageMap:
         pm._bounds = bounds
         return pm
 
+    def load_state(self, other: "PageMap") -> None:
+        """Take ``other``'s ranges and counters (a restore into a wired VM)."""
+        self.tracking = other.tracking
+        self._bounds = list(other._bounds)
+        self.updates = other.updates
+
     def snapshot(self) -> dict:
         """The run report's ``page_map`` section (docs/contracts.md)."""
         ranges = self.ranges()

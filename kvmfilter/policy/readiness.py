@@ -103,6 +103,7 @@ class MigrationControl:
         self._recorders: list = []  # callables taking a Transition, before the change
         self._listeners: list = []  # callables taking a Transition, after it
         self._count_sources: list[CountSource] = []
+        self._state_listeners: list = []
         self.since = clock()  # when the value last changed (or the VM was created)
         self.accesses: list[dict] = []
         self._accesses_total = 0
@@ -314,29 +315,54 @@ class MigrationControl:
 
     @classmethod
     def from_state(cls, state: dict, clock=time.time) -> "MigrationControl":
-        """A MigrationControl that continues where ``export_state`` left off.
+        """A MigrationControl that continues where ``export_state`` left off."""
+        mc = cls(advertised=bool(state.get("advertised")),
+                 encrypted_memory=bool(state.get("encrypted_memory")), clock=clock)
+        mc.load_state(state)
+        return mc
+
+    def load_state(self, state: dict) -> None:
+        """Continue where ``export_state`` left off, keeping this object's
+        recorders and listeners (a VMM restoring into a VM it wired already).
 
         Raises:
-            BadInput: the state is not one ``export_state`` wrote.
+            BadInput: the state is not one ``export_state`` wrote, or describes
+                another kind of VM (advertised / encrypted memory differ).
         """
         try:
-            mc = cls(advertised=bool(state["advertised"]),
-                     encrypted_memory=bool(state["encrypted_memory"]), clock=clock)
+            if (bool(state["advertised"]), bool(state["encrypted_memory"])) != \
+                    (self.advertised, self.encrypted_memory):
+                raise ValueError("advertised/encrypted_memory differ from this VM's")
             value = int(state["value"])
-            if value & ~KVM_MIGRATION_READY or int(state["initial_value"]) != mc.initial_value:
+            if value & ~KVM_MIGRATION_READY or int(state["initial_value"]) != self.initial_value:
                 raise ValueError("value or initial value out of range")
-            mc._value = value
-            mc.since = float(state["since"])
-            mc.accesses = [{"vcpu": int(a["vcpu"]), "op": Op(a["op"]), "data": int(a["data"]),
-                            "verdict": VerdictName(a["verdict"])}
-                           for a in state["accesses"][:ACCESS_LOG_LIMIT]]
-            mc._accesses_total = int(state["accesses_total"])
-            mc._verdicts.update({VerdictName(k): int(v) for k, v in state["verdicts"].items()})
-            mc._per_vcpu = {int(v): {Op(op): int(n) for op, n in c.items()}
-                            for v, c in state["per_vcpu"].items()}
-            mc._history.extend(Transition(int(v), int(o), int(n), float(t))
-                               for v, o, n, t in state["history"][-HISTORY_LIMIT:])
-            mc._transitions_total = int(state["transitions_total"])
-        except (KeyError, TypeError, ValueError) as exc:
+            since = float(state["since"])
+            accesses = [{"vcpu": int(a["vcpu"]), "op": Op(a["op"]), "data": int(a["data"]),
+                         "verdict": VerdictName(a["verdict"])}
+                        for a in state["accesses"][:ACCESS_LOG_LIMIT]]
+            total = int(state["accesses_total"])
+            verdicts = {VerdictName.OK: 0, VerdictName.GP: 0}
+            verdicts.update({VerdictName(k): int(v) for k, v in state["verdicts"].items()})
+            per_vcpu = {int(v): {Op(op): int(n) for op, n in c.items()}
+                        for v, c in state["per_vcpu"].items()}
+            history = [Transition(int(v), int(o), int(n), float(t))
+                       for v, o, n, t in state["history"][-HISTORY_LIMIT:]]
+            transitions_total = int(state["transitions_total"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadInput(f"migration-control state is malformed: {exc}") from None
-        return mc
+        with self._lock:
+            self._value = value
+            self.since = since
+            self.accesses = accesses
+            self._accesses_total = total
+            self._verdicts = verdicts
+            self._per_vcpu = per_vcpu
+            self._history.clear()
+            self._history.extend(history)
+            self._transitions_total = transitions_total
+        for listener in self._state_listeners:
+            listener(value)
+
+    def add_state_listener(self, listener) -> None:
+        """Call ``listener(value)`` when ``load_state`` replaces the value."""
+        self._state_listeners.append(listener)

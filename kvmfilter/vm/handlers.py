@@ -56,6 +56,7 @@ class MigrationControlMsr:
         self.rules = rules
         # Runs under the policy's lock, before the transition's vCPU re-enters.
         self.control.add_listener(lambda t: rules.set_value(t.new))
+        self.control.add_state_listener(rules.set_value)  # a restored value
 
     @staticmethod
     def fast_counts(fast_paths):

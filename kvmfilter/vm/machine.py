@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..base import KvmfilterError, StrEnum, Unavailable
 from ..kvm import abi
-from ..kvm.cpuid import per_vcpu, with_pv_features
+from ..kvm.cpuid import per_vcpu, pv_bits, with_pv_features
 from ..kvm.fastpath import MsrRules, VcpuFastPath
 from ..kvm.kick import kick_signal
 from ..kvm import vcpu_state
@@ -102,11 +102,14 @@ class Machine:
         pv_features: CPUID 0x40000001.EAX bits to advertise.
         fast_path: service no-change MSR accesses and console OUTs in C.
         hlt_parks: HLT waits for a wake-up (a daemon) instead of ending the vCPU.
+        cpuid: the CPUID table to give the guest (a restore: the one it had),
+            instead of KVM's supported table with ``pv_features`` added.
     """
 
     def __init__(self, kvm, *, memory_size: int = DEFAULT_MEMORY, vcpus: int = 1,
                  timeout: Optional[float] = DEFAULT_TIMEOUT, pv_features: int = 0,
-                 fast_path: bool = True, hlt_parks: bool = False):
+                 fast_path: bool = True, hlt_parks: bool = False,
+                 cpuid: Optional[list] = None):
         validate_memory(memory_size)
         if not 1 <= vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, not {vcpus}")
@@ -133,7 +136,8 @@ class Machine:
         self.vm = None
         self.ram: Optional[GuestRam] = None
         self.threads: list[VcpuThread] = []
-        self.cpuid: list = []
+        self.cpuid: list = cpuid or []
+        self._cpuid_given = cpuid is not None
         self.state = RunState.PRELAUNCH
         self._stop: Optional[StopRecord] = None
         self._running = 0
@@ -199,10 +203,19 @@ class Machine:
         if self.msr_handlers:
             self._check_caps(MSR_CAPS)
         self.vm = vm = self.kvm.create_vm()
-        pv_features = self.pv_features | self._enable_hypercall_exits(vm)
-        cpuid = self.kvm.get_supported_cpuid()
-        if pv_features:
-            cpuid = with_pv_features(cpuid, pv_features)
+        earned = self._enable_hypercall_exits(vm)
+        if self._cpuid_given:
+            cpuid = self.cpuid
+            missing = pv_bits(cpuid) & self._hypercall_feature_bits() & ~earned
+            if missing:
+                raise MissingCapabilityError(
+                    "the guest was offered a hypercall (CPUID 0x40000001 bits "
+                    f"{missing:#x}) whose exit this host's KVM does not deliver")
+        else:
+            cpuid = self.kvm.get_supported_cpuid()
+            pv_features = self.pv_features | earned
+            if pv_features:
+                cpuid = with_pv_features(cpuid, pv_features)
         self.ram = GuestRam(vm, self.memory_size)
         if self.msr_handlers:
             # KVM ABI: api.rst: enable the FILTER exit reason before installing
@@ -240,6 +253,9 @@ class Machine:
         vm.enable_cap(abi.KVM_CAP_EXIT_HYPERCALL, mask)
         return sum(1 << bit for nr, bit in self._hypercall_features.items()
                    if mask & (1 << nr))
+
+    def _hypercall_feature_bits(self) -> int:
+        return sum(1 << bit for bit in self._hypercall_features.values())
 
     def boot(self, image: bytes) -> None:
         """Load ``image`` at 0x7C00 and reset every vCPU to the contract's registers."""

@@ -51,6 +51,21 @@ class GuestRam:
         self.memory.write(offset, data)
         self.mark(offset, len(data))
 
+    def zero(self, offset: int, length: int) -> None:
+        """Make whole pages zero.  Pages never written are zero already: they
+        are left alone, so a large zero range costs nothing."""
+        first, n = offset // PAGE_SIZE, length // PAGE_SIZE
+        with self._lock:
+            written = (self._written >> first) & ((1 << n) - 1)
+        page = 0
+        while written:
+            skip = (written & -written).bit_length() - 1
+            written >>= skip
+            page += skip
+            self.memory.write((first + page) * PAGE_SIZE, bytes(PAGE_SIZE))
+            written >>= 1
+            page += 1
+
     def mark(self, offset: int, length: int) -> None:
         if length <= 0:
             return

@@ -12,6 +12,7 @@ benchmarks, so every path services the MSR the same way.  Code outside
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Optional
 
 from ..base import BadInput
@@ -70,7 +71,10 @@ class Vmm:
         options: ``RunOptions``.
         image, label: the image bytes and report label (default: load
             ``options.image``).  ``image=False``: no image (a restore).
-        control, page_map: carried-over policy state (a restore).
+        cpuid: the CPUID table the guest had (a restore).
+        origin, source, parent: how this VM instance began - "boot", or
+            "restore"/"incoming" from ``source`` (a URI), continuing the VM
+            instance ``parent`` (its run id); recorded in the journal.
 
     Raises (from the constructor):
         ImageError, ValueError: bad image or options.
@@ -78,16 +82,19 @@ class Vmm:
     """
 
     def __init__(self, kvm, options: RunOptions, image=None, label: Optional[str] = None,
-                 control: Optional[MigrationControl] = None,
-                 page_map: Optional[PageMap] = None):
+                 cpuid: Optional[list] = None, origin: str = "boot",
+                 source: Optional[str] = None, parent: Optional[str] = None):
         self.options = options
         if image is None:
             image, label = load_image(options.image)
         self.image = image or None
         self.label = label or "<bytes>"
-        self.control = control or MigrationControl(advertised=options.migration_control,
-                                                   encrypted_memory=not options.plain_memory)
-        self.page_map = page_map or PageMap(tracking=not options.plain_memory)
+        self.run_id = uuid.uuid4().hex  # this VM instance (a restore is a new one)
+        self.origin, self.source, self.parent = origin, source, parent
+        self.restored = False
+        self.control = MigrationControl(advertised=options.migration_control,
+                                        encrypted_memory=not options.plain_memory)
+        self.page_map = PageMap(tracking=not options.plain_memory)
         if options.memory > LARGE_MEMORY:
             log.warning("large_guest_memory", extra={
                 "memory": options.memory,
@@ -95,7 +102,7 @@ class Vmm:
                         "in proportion to its size, even if the guest touches none of it"})
         self.machine = machine = Machine(
             kvm, memory_size=options.memory, vcpus=options.vcpus, timeout=options.timeout,
-            fast_path=options.fast_path, hlt_parks=options.hlt_parks,
+            fast_path=options.fast_path, hlt_parks=options.hlt_parks, cpuid=cpuid,
             pv_features=(1 << abi.KVM_FEATURE_MIGRATION_CONTROL)
             if options.migration_control else 0)
         # The MSR is trapped even when not advertised: the guest then gets #GP
@@ -114,7 +121,8 @@ class Vmm:
         self.journal = None
         if options.journal:
             from ..policy.journal import ReadinessJournal  # sqlite3 costs start-up time
-            self.journal = ReadinessJournal(options.journal, options.name)
+            self.journal = ReadinessJournal(options.journal, options.name, run=self.run_id,
+                                            origin=origin, source=source, parent=parent)
             self.control.add_recorder(self.journal.record)
 
     # -- the lifecycle ------------------------------------------------------------

@@ -13,7 +13,6 @@ def test_msr_cases_run_and_report(kvm):
         out = b.msr_round_trip(insn)
         for case in ("kvmfilter", "c_loop", "in_kernel", "kvmfilter_no_fast_path"):
             assert set(out[case]) == {"median_ns", "min", "max", "samples"}
-            assert out[case]["median_ns"] > 0
 
 
 def test_c_loop_services_exactly_the_guest_loop(kvm):

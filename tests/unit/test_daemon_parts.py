@@ -9,7 +9,8 @@ import sys
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmfilter.daemon import listen, metrics, notify
+from kvmfilter.daemon import metrics, notify
+from kvmfilter.migrate import transport as listen
 from kvmfilter.policy.readiness import Op
 from kvmfilter.vm.vmm import RunOptions, Vmm
 

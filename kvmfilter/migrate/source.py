@@ -1,0 +1,422 @@
+"""The migration job on the source: gate, pre-copy rounds, stop and copy, commit.
+
+    setup    connect (or create the file), send the configuration
+    active   round 1: every page ever written; then KVM_GET_DIRTY_LOG rounds
+             while the guest runs, until the rest fits the downtime limit (or
+             MAX_ROUNDS passed: stop anyway, and say so)
+    stop     park every vCPU (the access in flight completes), check the gate
+             again under the policy lock, send the last dirty pages, the vCPU
+             state, the clock and kvmfilter's own state, END
+    commit   (sockets) wait for the destination's READY, send COMMIT: from
+             then on the guest belongs to the destination - the source is
+             `postmigrate` and never runs it again; the destination says
+             STARTED when its vCPUs run (the end of the downtime)
+
+A ``file:`` URI is a snapshot: the guest is stopped first and every written
+page goes to the file once (no pre-copy: a file gains nothing from it);
+afterwards the source is `postmigrate` and ``cont`` may resume it.
+
+Failure at any point before COMMIT - the destination unreachable, gone,
+refusing the stream, a stall, ``migrate_cancel``, the guest revoking READY -
+resumes the source unchanged (unless it was paused before) and leaves the
+status ``failed`` or ``cancelled`` with the reason.  The job owns the VM while
+it runs: the daemon refuses stop/cont meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Callable, Optional
+
+from ..base import KvmfilterError
+from ..vm import state as vm_state
+from ..vm.machine import RunState
+from . import precopy, stream
+from .transport import SnapshotFile, Uri, connect
+
+log = logging.getLogger("kvmfilter.migrate")
+
+PAGE = stream.PAGE
+ZERO_PAGE = bytes(PAGE)
+ZERO_RUNS_PER_SECTION = 65536
+COMMIT_TIMEOUT = 30.0  # seconds for the destination to load the state and answer
+SEND_BUFFER = 1 << 20
+
+
+class MigrationError(KvmfilterError):
+    """A migration failed; the message names the phase and the reason."""
+
+
+class Cancelled(MigrationError):
+    pass
+
+
+class Parameters:
+    """migrate-set-parameters (QEMU's names; x- for kvmfilter's own)."""
+
+    def __init__(self):
+        self.downtime_limit = precopy.DEFAULT_DOWNTIME_LIMIT_MS  # ms
+        self.max_rounds = precopy.MAX_ROUNDS                       # x-max-rounds
+        self.stall_timeout = 10_000                                # x-stall-timeout, ms
+
+    def to_json(self) -> dict:
+        return {"downtime-limit": self.downtime_limit, "x-max-rounds": self.max_rounds,
+                "x-stall-timeout": self.stall_timeout}
+
+    def update(self, args: dict) -> None:
+        values = {"downtime-limit": ("downtime_limit", 0, 2_000_000),
+                  "x-max-rounds": ("max_rounds", 1, 1000),
+                  "x-stall-timeout": ("stall_timeout", 100, 3_600_000)}
+        for key, value in args.items():
+            attr, low, high = values[key]
+            if not low <= value <= high:
+                raise ValueError(f"Parameter '{key}' expects an integer in the range of "
+                                 f"{low} to {high}")
+        for key, value in args.items():
+            setattr(self, values[key][0], value)
+
+
+class Stats:
+    """query-migrate's numbers (QEMU's MigrationInfo and MigrationStats names)."""
+
+    def __init__(self, total: int):
+        self.status = "setup"
+        self.started = time.monotonic()
+        self.setup_time: Optional[float] = None
+        self.total_time: Optional[float] = None
+        self.downtime: Optional[float] = None
+        self.expected_downtime: Optional[float] = None
+        self.stop_at: Optional[float] = None
+        self.transferred = 0
+        self.remaining = 0
+        self.total = total
+        self.duplicate = 0   # zero pages, sent as a flag
+        self.normal = 0      # pages sent with their data
+        self.dirty_sync_count = 0
+        self.mbps = 0.0
+        self.rounds = 0
+        self.precopy = None  # how pre-copy ended: converged / gave-up
+        self.error: Optional[str] = None
+
+    def to_json(self) -> dict:
+        info: dict = {"status": self.status}
+        if self.status in ("none", "setup"):
+            return info
+        now = time.monotonic()
+        info["setup-time"] = round((self.setup_time or 0) * 1000)
+        info["total-time"] = round((self.total_time if self.total_time is not None
+                                    else now - self.started) * 1000)
+        if self.downtime is not None:
+            info["downtime"] = round(self.downtime * 1000)
+        elif self.expected_downtime is not None and self.status == "active":
+            info["expected-downtime"] = round(self.expected_downtime)
+        info["ram"] = {"transferred": self.transferred, "remaining": self.remaining,
+                       "total": self.total, "duplicate": self.duplicate,
+                       "normal": self.normal, "normal-bytes": self.normal * PAGE,
+                       "dirty-sync-count": self.dirty_sync_count, "mbps": round(self.mbps, 3),
+                       "page-size": PAGE}
+        info["x-rounds"] = self.rounds
+        if self.precopy:
+            info["x-precopy"] = self.precopy
+        if self.error:
+            info["error-desc"] = self.error
+        return info
+
+
+class Counting:
+    """A writer's sink that counts bytes (for ram.transferred and mbps)."""
+
+    def __init__(self, out, stats: Stats):
+        self.out, self.stats = out, stats
+
+    def write(self, data) -> None:
+        self.out.write(data)
+        self.stats.transferred += len(data)
+
+
+class MigrationJob:
+    """Moves (or saves) one VM; ``start()`` returns at once, the work is a thread.
+
+    Args:
+        vmm: the running (or paused) ``Vmm``.
+        uri: where to: ``file:``, ``unix:`` or ``tcp:``.
+        params: ``Parameters``.
+        on_event: ``on_event(name, data)`` for MIGRATION / MIGRATION_PASS (from
+            the job's thread).
+    """
+
+    def __init__(self, vmm, uri: Uri, params: Parameters,
+                 on_event: Callable[[str, dict], None] = lambda name, data: None):
+        self.vmm = vmm
+        self.uri = uri
+        self.params = params
+        self.on_event = on_event
+        self.stats = Stats(vmm.options.memory)
+        self.moved = False  # committed: the guest runs elsewhere now
+        self._cancel = threading.Event()
+        self._abort: Optional[str] = None  # set by a revoking vCPU
+        self._paused_by_us = False
+        self._was_paused = False
+        self._thread = threading.Thread(target=self._main, name="migration", daemon=True)
+        self.done = threading.Event()
+
+    # -- control ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def active(self) -> bool:
+        return not self.done.is_set()
+
+    def _status(self, status: str) -> None:
+        self.stats.status = status
+        self.on_event("MIGRATION", {"status": status})
+
+    def _check(self) -> None:
+        """Between any two steps: cancelled, or the guest took READY back?"""
+        if self._cancel.is_set():
+            raise Cancelled("cancelled by migrate_cancel")
+        if self._abort:
+            raise MigrationError(self._abort)
+
+    def _on_transition(self, t) -> None:
+        # A vCPU thread, under the policy's lock: the guest changed its mind.
+        if not t.new:
+            self._abort = (f"vCPU {t.vcpu} revoked migration readiness "
+                           f"(wrote 0 to MSR_KVM_MIGRATION_CONTROL) during pre-copy")
+
+    # -- the job ---------------------------------------------------------------------
+
+    def _main(self) -> None:
+        vmm = self.vmm
+        vmm.control.add_listener(self._on_transition)
+        out = None
+        try:
+            self._was_paused = vmm.status is not RunState.RUNNING
+            out, sock = self._open()
+            writer = stream.Writer(Counting(out, self.stats))
+            writer.header()
+            writer.json(stream.CONF, vm_state.config(vmm))
+            self.stats.setup_time = time.monotonic() - self.stats.started
+            self._status("active")
+            if self.uri.scheme != "file":
+                self._precopy(writer)
+            self._stop_and_copy(writer)
+            out.flush()
+            if sock is None:
+                out.commit()
+                out = None
+                self._finish_snapshot()
+            else:
+                self._commit(sock)
+            self.stats.total_time = time.monotonic() - self.stats.started
+            self._status("completed")
+        except Exception as exc:  # every failure: resume, say why
+            self._fail(exc, out)
+        finally:
+            vmm.control.remove_listener(self._on_transition)
+            self.done.set()
+
+    def _open(self):
+        """(the sink, the socket or None) for the URI."""
+        if self.uri.scheme == "file":
+            return SnapshotFile(self.uri.path), None
+        try:
+            sock = connect(self.uri, self.params.stall_timeout / 1000)
+        except OSError as exc:
+            raise MigrationError(f"setup: cannot connect to {self.uri}: "
+                                 f"{exc.strerror or exc}") from None
+        self._sock = sock
+        return sock.makefile("wb", buffering=SEND_BUFFER), sock
+
+    def _precopy(self, writer: stream.Writer) -> None:
+        vmm, stats, params = self.vmm, self.stats, self.params
+        bitmap = vmm.ram.written()  # round 1: every page the guest ever wrote
+        while True:
+            self._check()
+            stats.rounds += 1
+            stats.dirty_sync_count += 1
+            writer.section(stream.PASS, stream.u32(stats.rounds))
+            self.on_event("MIGRATION_PASS", {"pass": stats.rounds})
+            started, sent = time.monotonic(), stats.transferred
+            self._send_pages(writer, bitmap)
+            elapsed = time.monotonic() - started
+            if elapsed > 0 and stats.transferred > sent:
+                stats.mbps = (stats.transferred - sent) * 8 / elapsed / 1e6
+            bitmap = vmm.ram.harvest()
+            dirty = precopy.count(bitmap) * PAGE
+            stats.remaining = dirty
+            estimate = precopy.next_step(dirty, stats.mbps * 1e6 / 8, params.downtime_limit,
+                                         stats.rounds, params.max_rounds)
+            stats.expected_downtime = estimate.expected_downtime_ms
+            if estimate.decision is not precopy.Decision.ANOTHER_ROUND:
+                stats.precopy = ("converged" if estimate.decision is
+                                 precopy.Decision.STOP_AND_COPY else "gave-up")
+                if stats.precopy == "gave-up":
+                    log.warning("precopy_gave_up", extra={"rounds": stats.rounds,
+                                                          "remaining": dirty})
+                self._pending = bitmap
+                return
+
+    def _stop_and_copy(self, writer: stream.Writer) -> None:
+        vmm, stats = self.vmm, self.stats
+        self._check()
+        stats.stop_at = time.monotonic()
+        if not vmm.pause(state=RunState.FINISH_MIGRATE):
+            raise MigrationError("stop: the vCPUs did not park in time; the guest runs on")
+        self._paused_by_us = True
+        writer.json(stream.STOP, {"time": time.time()})
+        with vmm.control.lock:  # no access can change readiness while we decide
+            blockers = vmm.blocked_reasons()
+        if blockers:
+            raise MigrationError("stop: the guest may not be moved any more: "
+                                 + " ".join(blockers))
+        self._check()
+        if self.uri.scheme == "file":
+            bitmap = vmm.ram.written()
+        else:
+            bitmap = _or(self._pending, vmm.ram.harvest())
+            stats.dirty_sync_count += 1
+        self._send_pages(writer, bitmap)
+        state = vm_state.capture(vmm)
+        for index, cpu in enumerate(state.vcpus):
+            names = list(cpu.blobs)
+            meta = {"msrs": cpu.msrs, "blobs": [[n, len(cpu.blobs[n])] for n in names]}
+            writer.section(stream.VCPU, stream.vcpu_payload(
+                index, meta, [cpu.blobs[n] for n in names]))
+        writer.section(stream.CLCK, state.clock)
+        writer.json(stream.KVMF, vm_state.kvmfilter_state(vmm))
+        writer.end()
+        stats.remaining = 0
+
+    def _send_pages(self, writer: stream.Writer, bitmap: bytes) -> None:
+        """Every page set in ``bitmap``: zero pages as runs, the rest with data."""
+        ram, stats = self.vmm.ram, self.stats
+        zero_runs: list[tuple[int, int]] = []
+        for first, n in precopy.chunked(precopy.runs(bitmap), stream.RAM_CHUNK_PAGES):
+            self._check()
+            base = first * PAGE
+            data = ram.read(base, n * PAGE)
+            i = 0
+            while i < n:
+                zero = data[i * PAGE:(i + 1) * PAGE] == ZERO_PAGE
+                j = i + 1
+                while j < n and (data[j * PAGE:(j + 1) * PAGE] == ZERO_PAGE) == zero:
+                    j += 1
+                if zero:
+                    zero_runs.append((base + i * PAGE, j - i))
+                    stats.duplicate += j - i
+                    if len(zero_runs) == ZERO_RUNS_PER_SECTION:
+                        writer.section(stream.ZERO, stream.zero_payload(zero_runs))
+                        zero_runs = []
+                else:
+                    writer.section(stream.RAM, stream.ram_payload(
+                        base + i * PAGE, data[i * PAGE:j * PAGE]))
+                    stats.normal += j - i
+                i = j
+        if zero_runs:
+            writer.section(stream.ZERO, stream.zero_payload(zero_runs))
+
+    def _finish_snapshot(self) -> None:
+        """A file: the state is saved; the VM stays parked (``cont`` resumes it)."""
+        self.stats.downtime = time.monotonic() - self.stats.stop_at
+        self.vmm.set_state(RunState.POSTMIGRATE)
+
+    def _commit(self, sock) -> None:
+        """READY from the destination, then COMMIT: the point of no return."""
+        sock.settimeout(COMMIT_TIMEOUT)
+        inp = sock.makefile("rb", buffering=0)
+        tag, payload = self._answer(inp, "commit: waiting for the destination to load "
+                                         "the state")
+        if tag == stream.FAILED:
+            raise MigrationError("the destination refused the stream: "
+                                 + _text(payload))
+        if tag != stream.READY:
+            raise MigrationError(f"commit: unexpected {tag!r} from the destination")
+        self._check()
+        try:
+            sock.sendall(stream.frame(stream.COMMIT))
+        except OSError as exc:
+            raise MigrationError(f"commit: cannot send COMMIT: {exc.strerror or exc}") \
+                from None
+        # The point of no return: the guest now belongs to the destination.
+        self.moved = True
+        self.vmm.set_state(RunState.POSTMIGRATE)
+        try:
+            tag, _ = self._answer(inp, "started")
+        except MigrationError as exc:
+            log.warning("migration_no_started_message", extra={"error": str(exc)})
+        self.stats.downtime = time.monotonic() - self.stats.stop_at
+        sock.close()
+
+    @staticmethod
+    def _answer(inp, phase: str):
+        try:
+            return stream.read_frame(inp)
+        except (OSError, EOFError, stream.StreamError) as exc:
+            reason = "timed out" if "timed out" in str(exc) else str(exc) or type(exc).__name__
+            raise MigrationError(f"{phase}: {reason}") from None
+
+    def _fail(self, exc: Exception, out) -> None:
+        vmm, stats = self.vmm, self.stats
+        if isinstance(exc, MigrationError):
+            reason = str(exc)
+        elif isinstance(exc, OSError):
+            stalled = "timed out" in str(exc)
+            reason = (f"the stream to {self.uri} stalled for "
+                      f"{self.params.stall_timeout / 1000:g} s" if stalled else
+                      f"the stream to {self.uri} broke: {exc.strerror or exc}")
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.exception("migration_failed")
+        stats.error = reason
+        if out is not None:
+            _discard(out)
+        if not self.moved:
+            self._abandon_destination()
+            if self._paused_by_us:
+                if self._was_paused:
+                    vmm.set_state(RunState.PAUSED)
+                else:
+                    vmm.resume()
+        stats.total_time = time.monotonic() - stats.started
+        log.warning("migration_failed", extra={"uri": str(self.uri), "error": reason})
+        self._status("cancelled" if isinstance(exc, Cancelled) else "failed")
+
+    def _abandon_destination(self) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(stream.frame(stream.ABORT))
+            except OSError:
+                pass
+            sock.close()
+
+
+def _or(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(
+        max(len(a), len(b)), "little")
+
+
+def _text(payload: bytes) -> str:
+    try:
+        return str(json.loads(payload).get("error", ""))[:1000]
+    except (ValueError, AttributeError):
+        return payload[:200].decode("utf-8", "replace")
+
+
+def _discard(out) -> None:
+    if isinstance(out, SnapshotFile):
+        out.abort()
+    else:
+        try:
+            out.close()
+        except OSError:
+            pass

@@ -1,0 +1,303 @@
+"""The kvmfilter migration stream: one format for snapshot files and sockets.
+
+Pure: bytes in, bytes out (docs/stream-format.md is the specification).
+
+    stream  := header section* END
+    header  := MAGIC (8 bytes) version (u16 LE) flags (u16 LE, 0)
+    section := tag (4 ASCII bytes) length (u32 LE) payload (length bytes)
+               crc32 (u32 LE, of tag + length + payload)
+
+A tag whose first letter is upper-case is *critical*: a reader that does not
+know it must refuse the stream.  A lower-case first letter marks an
+*ancillary* section a reader may skip (PNG's rule).  Every length is checked
+against the bound for its tag before anything is allocated, and every checksum
+before the payload is used.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import BinaryIO, Iterator, Optional
+
+from ..base import BadInput
+
+MAGIC = b"\x89KVMFLT\n"  # a high bit and a newline: catches 7-bit and text-mode damage
+VERSION = 1
+HEADER = struct.Struct("<8sHH")
+SECTION = struct.Struct("<4sI")
+CRC = struct.Struct("<I")
+PAGE = 4096
+
+CONF = b"CONF"  # the VM configuration (JSON)
+RAM = b"RAM "   # gpa (u64) + whole pages of data
+ZERO = b"ZERO"  # (gpa u64, npages u32) runs of pages that are all zero
+VCPU = b"VCPU"  # one vCPU's architectural state
+CLCK = b"CLCK"  # struct kvm_clock_data
+KVMF = b"KVMF"  # kvmfilter's own state (JSON): the MSR, the record, the page map ...
+PASS = b"pass"  # ancillary: a pre-copy round begins (u32 round number)
+STOP = b"stop"  # ancillary: the source stopped its vCPUs (JSON: wall-clock time)
+END = b"END "   # u32 count of the sections before it
+
+RAM_CHUNK_PAGES = 256  # 1 MiB of pages per RAM section
+MAX_LENGTH = {
+    CONF: 1 << 20,
+    RAM: 8 + RAM_CHUNK_PAGES * PAGE,
+    ZERO: 12 * 65536,
+    VCPU: 1 << 20,
+    CLCK: 4096,
+    KVMF: 32 << 20,
+    PASS: 4,
+    STOP: 256,
+    END: 4,
+}
+MAX_ANCILLARY = 1 << 20
+NAMES = {CONF: "configuration", RAM: "RAM", ZERO: "zero pages", VCPU: "vCPU state",
+         CLCK: "clock", KVMF: "kvmfilter state", PASS: "pass", STOP: "stop", END: "end"}
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_ZERO_RUN = struct.Struct("<QI")
+_VCPU_HEAD = struct.Struct("<II")
+
+
+class StreamError(BadInput):
+    """The stream is not a valid kvmfilter stream; says which section and why."""
+
+    def __init__(self, message: str, section: Optional[bytes] = None, offset: int = 0):
+        where = f"section {describe(section)}" if section is not None else "header"
+        super().__init__(f"{where} at byte {offset}: {message}")
+        self.section = section
+        self.offset = offset
+
+
+def describe(tag: bytes) -> str:
+    name = NAMES.get(tag)
+    text = tag.decode("ascii", "backslashreplace").strip()
+    return f"{text} ({name})" if name else repr(tag)
+
+
+def critical(tag: bytes) -> bool:
+    return tag[:1].isupper()
+
+
+# -- writing ---------------------------------------------------------------------------
+
+class Writer:
+    """Writes sections to ``out`` (anything with ``write(bytes)``); counts bytes."""
+
+    def __init__(self, out):
+        self.out = out
+        self.sections = 0
+        self.bytes = 0
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.bytes += len(data)
+
+    def header(self) -> None:
+        self._write(HEADER.pack(MAGIC, VERSION, 0))
+
+    def section(self, tag: bytes, payload: bytes) -> None:
+        limit = MAX_LENGTH.get(tag, MAX_ANCILLARY)
+        if len(payload) > limit:
+            raise ValueError(f"{describe(tag)}: {len(payload)} bytes, at most {limit}")
+        head = SECTION.pack(tag, len(payload))
+        crc = zlib.crc32(payload, zlib.crc32(head))
+        self._write(head)
+        self._write(payload)
+        self._write(CRC.pack(crc))
+        self.sections += 1
+
+    def json(self, tag: bytes, value) -> None:
+        self.section(tag, json.dumps(value, separators=(",", ":")).encode())
+
+    def end(self) -> None:
+        self.section(END, _U32.pack(self.sections))
+
+
+# -- reading ---------------------------------------------------------------------------
+
+class Reader:
+    """Reads and checks a stream from ``inp`` (anything with ``read(n)``).
+
+    ``sections()`` yields ``(tag, payload)`` for every section up to END,
+    each one's length bounded and checksum verified before it is yielded;
+    unknown ancillary sections are skipped; END's count is checked.
+    """
+
+    def __init__(self, inp):
+        self.inp = inp
+        self.offset = 0
+        self.version: Optional[int] = None
+        self.sections_read = 0
+
+    def _read(self, n: int, tag: Optional[bytes], what: str) -> bytes:
+        chunks, left = [], n
+        while left:
+            chunk = self.inp.read(left)
+            if not chunk:
+                raise StreamError(f"truncated: {what} needs {n} bytes, the stream ended "
+                                  f"after {n - left}", tag, self.offset)
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        self.offset += n
+        return data
+
+    def header(self) -> int:
+        data = self._read(HEADER.size, None, "the header")
+        magic, version, flags = HEADER.unpack(data)
+        if magic != MAGIC:
+            raise StreamError(f"not a kvmfilter stream (magic {magic!r}, expected "
+                              f"{MAGIC!r})", None, 0)
+        if version != VERSION:
+            raise StreamError(f"format version {version}; this kvmfilter reads version "
+                              f"{VERSION}", None, 8)
+        if flags:
+            raise StreamError(f"unknown header flags {flags:#x}", None, 10)
+        self.version = version
+        return version
+
+    def sections(self) -> Iterator[tuple[bytes, bytes]]:
+        if self.version is None:
+            self.header()
+        while True:
+            start = self.offset
+            head = self._read(SECTION.size, None, "a section header")
+            tag, length = SECTION.unpack(head)
+            if not all(0x20 <= b < 0x7F for b in tag):
+                raise StreamError(f"bad section tag {tag!r}", tag, start)
+            known = tag in MAX_LENGTH
+            if not known and critical(tag):
+                raise StreamError("unknown critical section (a newer format?)", tag, start)
+            limit = MAX_LENGTH.get(tag, MAX_ANCILLARY)
+            if length > limit:
+                raise StreamError(f"length {length} exceeds the limit {limit}", tag, start)
+            payload = self._read(length, tag, "the payload")
+            (crc,) = CRC.unpack(self._read(CRC.size, tag, "the checksum"))
+            if zlib.crc32(payload, zlib.crc32(head)) != crc:
+                raise StreamError("checksum mismatch (the data is damaged)", tag, start)
+            if tag == END:
+                if length != 4 or _U32.unpack(payload)[0] != self.sections_read:
+                    raise StreamError(f"the end says {_U32.unpack(payload)[0] if length == 4 else '?'}"
+                                      f" sections, {self.sections_read} were read", tag, start)
+                return
+            self.sections_read += 1
+            if known:
+                yield tag, payload
+
+
+def read_exactly(inp: BinaryIO, n: int) -> bytes:
+    """Helper for transports: ``n`` bytes or EOFError."""
+    chunks, left = [], n
+    while left:
+        chunk = inp.read(left)
+        if not chunk:
+            raise EOFError(f"the peer closed the stream ({n - left} of {n} bytes)")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+# -- section payloads ------------------------------------------------------------------
+
+def ram_payload(gpa: int, data: bytes) -> bytes:
+    return _U64.pack(gpa) + data
+
+
+def parse_ram(payload: bytes, memory_size: int) -> tuple[int, memoryview]:
+    """(gpa, data) of a RAM section, checked to be whole pages inside memory."""
+    if len(payload) < 8 + PAGE or (len(payload) - 8) % PAGE:
+        raise StreamError(f"RAM payload of {len(payload)} bytes is not a gpa and whole pages",
+                          RAM)
+    (gpa,) = _U64.unpack_from(payload)
+    size = len(payload) - 8
+    if gpa % PAGE or gpa + size > memory_size:
+        raise StreamError(f"RAM at {gpa:#x}+{size:#x} is outside guest memory "
+                          f"({memory_size:#x} bytes)", RAM)
+    return gpa, memoryview(payload)[8:]
+
+
+def zero_payload(runs: list[tuple[int, int]]) -> bytes:
+    return b"".join(_ZERO_RUN.pack(gpa, n) for gpa, n in runs)
+
+
+def parse_zero(payload: bytes, memory_size: int) -> list[tuple[int, int]]:
+    if len(payload) % _ZERO_RUN.size:
+        raise StreamError(f"zero-page payload of {len(payload)} bytes", ZERO)
+    runs = [_ZERO_RUN.unpack_from(payload, i) for i in range(0, len(payload), _ZERO_RUN.size)]
+    for gpa, n in runs:
+        if gpa % PAGE or n == 0 or gpa + n * PAGE > memory_size:
+            raise StreamError(f"zero pages {gpa:#x}+{n} outside guest memory", ZERO)
+    return runs
+
+
+def vcpu_payload(index: int, meta: dict, blobs: list[bytes]) -> bytes:
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    return _VCPU_HEAD.pack(index, len(head)) + head + b"".join(blobs)
+
+
+def parse_vcpu(payload: bytes) -> tuple[int, dict, bytes]:
+    """(index, meta, blob bytes); the meta says how the blob bytes divide."""
+    if len(payload) < _VCPU_HEAD.size:
+        raise StreamError("vCPU payload too short", VCPU)
+    index, head_len = _VCPU_HEAD.unpack_from(payload)
+    if _VCPU_HEAD.size + head_len > len(payload):
+        raise StreamError("vCPU payload: the description runs past the end", VCPU)
+    try:
+        meta = json.loads(payload[_VCPU_HEAD.size:_VCPU_HEAD.size + head_len])
+    except ValueError as exc:
+        raise StreamError(f"vCPU description is not JSON: {exc}", VCPU) from None
+    return index, meta, payload[_VCPU_HEAD.size + head_len:]
+
+
+def parse_json(tag: bytes, payload: bytes) -> dict:
+    try:
+        value = json.loads(payload)
+    except ValueError as exc:
+        raise StreamError(f"not JSON: {exc}", tag) from None
+    if not isinstance(value, dict):
+        raise StreamError("not a JSON object", tag)
+    return value
+
+
+def parse_u32(tag: bytes, payload: bytes) -> int:
+    if len(payload) != 4:
+        raise StreamError(f"{len(payload)} bytes, expected 4", tag)
+    return _U32.unpack(payload)[0]
+
+
+def u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+# -- the return path (destination -> source) and the commit ------------------------------
+# After END the destination answers READY (it holds the whole state) or FAILED,
+# the source answers COMMIT (it will never run the guest again) or ABORT, and
+# the destination, once its vCPUs run, says STARTED.  Same framing as sections.
+
+READY = b"RDY!"
+FAILED = b"NAK!"
+COMMIT = b"CMIT"
+ABORT = b"ABRT"
+STARTED = b"STRT"
+MESSAGES = {READY: 4096, FAILED: 4096, COMMIT: 4096, ABORT: 4096, STARTED: 4096}
+
+
+def frame(tag: bytes, payload: bytes = b"") -> bytes:
+    head = SECTION.pack(tag, len(payload))
+    return head + payload + CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+
+
+def read_frame(inp) -> tuple[bytes, bytes]:
+    """One return-path message: (tag, payload), checked.  EOFError at the end."""
+    head = read_exactly(inp, SECTION.size)
+    tag, length = SECTION.unpack(head)
+    if tag not in MESSAGES or length > MESSAGES[tag]:
+        raise StreamError(f"unexpected message (length {length})", tag)
+    payload = read_exactly(inp, length)
+    (crc,) = CRC.unpack(read_exactly(inp, CRC.size))
+    if zlib.crc32(payload, zlib.crc32(head)) != crc:
+        raise StreamError("checksum mismatch", tag)
+    return tag, payload
