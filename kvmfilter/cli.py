@@ -340,20 +340,35 @@ def run(ctx, incoming, as_json: bool, as_tap: bool, junit_path, **kwargs) -> Non
 @click.option("--vm", "vm_name", help="Only this VM's transitions.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def journal(path: str, vm_name: str | None, as_json: bool) -> None:
-    """Print the readiness history recorded in the journal PATH."""
+    """Print the readiness history recorded in the journal PATH.
+
+    Each VM instance is a run: a boot, or a restore or incoming migration that
+    continues the run it came from.  Transitions a restore copied from its
+    stream (the journal did not hold them yet) are marked "carried".
+    """
     from .policy.journal import ReadinessJournal
 
     with ReadinessJournal(path, create=False) as j:
         rows = j.rows(vm_name)
+        runs = j.runs(vm_name)
     if as_json:
-        _emit_json({"path": path, "transitions": [r.to_json() for r in rows]})
+        _emit_json({"path": path, "runs": [r.to_json() for r in runs],
+                    "transitions": [r.to_json() for r in rows]})
         return
+    for r in runs:
+        started = r.to_json()["started"]
+        how = ("booted" if r.origin == "boot" else
+               f"{'restored' if r.origin == 'restore' else 'migrated in'} from {r.source}"
+               + (f", continuing run {r.parent[:8]}" if r.parent else ""))
+        click.echo(f"run {r.run[:8]}  {r.vm}  {how}  ({started})")
     if not rows:
         click.echo(f"{path}: no transitions recorded")
     for r in rows:
         t = r.to_json()
         click.echo(f"{t['time']}  {r.vm}  vCPU {r.vcpu}: {r.old} -> {r.new}"
-                   f"  ({'ready' if r.new else 'not ready'})")
+                   f"  ({'ready' if r.new else 'not ready'})"
+                   + (f"  [run {r.run[:8]}{', carried' if r.carried else ''}]"
+                      if r.run else ""))
 
 
 # -- snapshots and migration ----------------------------------------------------------
@@ -505,6 +520,7 @@ def serve(ctx, socket_path: str, metrics_file: str | None, incoming: str | None,
         signal.signal(sig, lambda *_: sys.exit(EXIT_OK))
     if metrics_file:
         check_metrics_path(metrics_file)
+    uri = None
     if incoming is not None:
         overrides = _incoming_overrides(ctx, kwargs, hlt_parks=True)
         uri = None if incoming == "defer" else _incoming_uri(incoming, ("file", "unix", "tcp"))
@@ -520,7 +536,10 @@ def serve(ctx, socket_path: str, metrics_file: str | None, incoming: str | None,
             raise Failure(f"socket activation: {exc}", EXIT_USAGE) from None
         kvm = _open_kvm()
         incoming_job = None
-        if incoming is not None and uri is not None:
+        if uri is not None and uri.scheme == "file":  # a snapshot: restore before serving
+            from .migrate.destination import restore_file
+            vmm, _ = restore_file(kvm, uri.path, **overrides)
+        elif uri is not None:
             from .migrate.destination import Incoming
             incoming_job = Incoming(kvm, uri, **overrides)
             incoming_job.listen()  # the address is taken (or refused) before we go on

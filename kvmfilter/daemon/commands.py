@@ -158,7 +158,7 @@ async def query_migrate(server, args):
     return server.migrations.query()
 
 
-@command("migrate-set-parameters", Param("downtime-limit", "int"),
+@command("migrate-set-parameters", Param("downtime-limit", "int"), Param("max-bandwidth", "int"),
          Param("x-max-rounds", "int"), Param("x-stall-timeout", "int"), needs_vm=False)
 async def migrate_set_parameters(server, args):
     try:

@@ -58,15 +58,17 @@ class Parameters:
 
     def __init__(self):
         self.downtime_limit = precopy.DEFAULT_DOWNTIME_LIMIT_MS  # ms
+        self.max_bandwidth = 0                                     # bytes/s, 0: no limit
         self.max_rounds = precopy.MAX_ROUNDS                       # x-max-rounds
         self.stall_timeout = 10_000                                # x-stall-timeout, ms
 
     def to_json(self) -> dict:
-        return {"downtime-limit": self.downtime_limit, "x-max-rounds": self.max_rounds,
-                "x-stall-timeout": self.stall_timeout}
+        return {"downtime-limit": self.downtime_limit, "max-bandwidth": self.max_bandwidth,
+                "x-max-rounds": self.max_rounds, "x-stall-timeout": self.stall_timeout}
 
     def update(self, args: dict) -> None:
         values = {"downtime-limit": ("downtime_limit", 0, 2_000_000),
+                  "max-bandwidth": ("max_bandwidth", 0, 1 << 50),
                   "x-max-rounds": ("max_rounds", 1, 1000),
                   "x-stall-timeout": ("stall_timeout", 100, 3_600_000)}
         for key, value in args.items():
@@ -126,14 +128,22 @@ class Stats:
 
 
 class Counting:
-    """A writer's sink that counts bytes (for ram.transferred and mbps)."""
+    """A writer's sink that counts bytes (ram.transferred, mbps) and keeps to
+    ``max-bandwidth`` by sleeping when ahead of it."""
 
-    def __init__(self, out, stats: Stats):
-        self.out, self.stats = out, stats
+    def __init__(self, out, stats: Stats, max_bandwidth: int = 0):
+        self.out, self.stats, self.max_bandwidth = out, stats, max_bandwidth
+        self.started = time.monotonic()
 
     def write(self, data) -> None:
         self.out.write(data)
         self.stats.transferred += len(data)
+        if self.max_bandwidth:
+            ahead = self.stats.transferred / self.max_bandwidth - (
+                time.monotonic() - self.started)
+            if ahead > 0:
+                self.out.flush()
+                time.sleep(ahead)
 
 
 class MigrationJob:
@@ -200,7 +210,7 @@ class MigrationJob:
         try:
             self._was_paused = vmm.status is not RunState.RUNNING
             out, sock = self._open()
-            writer = stream.Writer(Counting(out, self.stats))
+            writer = stream.Writer(Counting(out, self.stats, self.params.max_bandwidth))
             writer.header()
             writer.json(stream.CONF, vm_state.config(vmm))
             self.stats.setup_time = time.monotonic() - self.stats.started

@@ -148,10 +148,14 @@ class ReadinessJournal:
                                      "parent) VALUES (?, ?, ?, ?, ?, ?)",
                                      (run, vm_name, time.time(), origin, source, parent))
             self._db.execute("SELECT vm, vcpu, old, new, time FROM transitions LIMIT 1")
-        except sqlite3.Error as exc:
-            raise JournalError(path, _reason(exc)) from None
-        except OSError as exc:
-            raise JournalError(path, exc.strerror or str(exc)) from None
+        except (sqlite3.Error, OSError, JournalError) as exc:
+            db = getattr(self, "_db", None)
+            if db is not None:
+                db.close()
+            if isinstance(exc, JournalError):
+                raise
+            reason = _reason(exc) if isinstance(exc, sqlite3.Error) else exc.strerror or str(exc)
+            raise JournalError(path, reason) from None
         self._lock = threading.Lock()
 
     def _connect(self, create: bool) -> sqlite3.Connection:
@@ -163,12 +167,13 @@ class ReadinessJournal:
             return db
         # Reading only: never write to (or need write access to) the file.  A WAL
         # journal on read-only media cannot get its -shm file: read it immutable.
+        db = sqlite3.connect(_uri(self.path, mode="ro", nofollow=1), uri=True,
+                             check_same_thread=False, timeout=10.0)
         try:
-            db = sqlite3.connect(_uri(self.path, mode="ro", nofollow=1), uri=True,
-                                 check_same_thread=False, timeout=10.0)
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return db
         except sqlite3.OperationalError as exc:
+            db.close()
             if "unable to open" not in str(exc) and "readonly" not in str(exc):
                 raise
         return sqlite3.connect(_uri(self.path, mode="ro", immutable=1, nofollow=1), uri=True,

@@ -24,7 +24,8 @@ BUNDLED_PREFIX = "bundled:"
 GUESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "guests")
 # Guests shipped in kvmfilter/guests/ (built from their .S sources) for users.
-BUNDLED_GUESTS = ("conformance", "hello", "readiness_cycle", "ready_wait")
+BUNDLED_GUESTS = ("conformance", "hello", "readiness_cycle", "ready_wait", "memcheck",
+                  "memcheck64", "dirty_pages")
 DEFAULT_GUEST = "conformance"
 
 

@@ -77,7 +77,9 @@ class DaemonProcess:
         self.metrics = str(tmp / "vm.prom") if metrics else None
         self.stderr = open(tmp / f"serve-{os.getpid()}-{time.monotonic_ns()}.log", "w+")
         cmd = kvmfilter_cmd() + ["--log-level", "info", "serve", *extra,
-                                 "--socket", self.socket, "--name", name]
+                                 "--socket", self.socket]
+        if name is not None:  # None: an incoming VM keeps the name it had
+            cmd += ["--name", name]
         if self.journal:
             cmd += ["--journal", self.journal]
         if self.metrics:

@@ -1,0 +1,208 @@
+"""The stream format (docs/stream-format.md) without KVM: what is written reads
+back, and every kind of damage is refused, naming the section."""
+import io
+import struct
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmfilter.base import BadInput
+from kvmfilter.migrate import precopy, stream
+from kvmfilter.migrate.stream import Reader, StreamError, Writer
+from kvmfilter.migrate.transport import UriError, parse_uri
+
+
+def sample() -> bytes:
+    out = io.BytesIO()
+    w = Writer(out)
+    w.header()
+    w.json(stream.CONF, {"vm": {"memory": 1 << 20, "vcpus": 1}})
+    w.section(stream.RAM, stream.ram_payload(0x7000, b"\x42" * 4096))
+    w.section(stream.ZERO, stream.zero_payload([(0x9000, 2)]))
+    w.section(stream.PASS, stream.u32(1))
+    w.json(stream.KVMF, {"control": {}})
+    w.end()
+    return out.getvalue()
+
+
+def read_all(data: bytes):
+    return list(Reader(io.BytesIO(data)).sections())
+
+
+def test_round_trip():
+    sections = read_all(sample())
+    assert [tag for tag, _ in sections] == [stream.CONF, stream.RAM, stream.ZERO,
+                                            stream.PASS, stream.KVMF]
+    gpa, data = stream.parse_ram(sections[1][1], 1 << 20)
+    assert gpa == 0x7000 and bytes(data) == b"\x42" * 4096
+    assert stream.parse_zero(sections[2][1], 1 << 20) == [(0x9000, 2)]
+
+
+def test_wrong_magic():
+    data = b"NOTKVMF!" + sample()[8:]
+    with pytest.raises(StreamError, match="not a kvmfilter stream"):
+        read_all(data)
+
+
+def test_wrong_version():
+    data = bytearray(sample())
+    struct.pack_into("<H", data, 8, 99)
+    with pytest.raises(StreamError, match="format version 99"):
+        read_all(bytes(data))
+
+
+def test_tampered_payload_names_the_section():
+    data = bytearray(sample())
+    data[data.index(b"\x42" * 16) + 100] ^= 1  # one bit in the RAM page
+    with pytest.raises(StreamError, match=r"section RAM \(RAM\).*checksum mismatch"):
+        read_all(bytes(data))
+
+
+@pytest.mark.parametrize("cut", [4, 20, 200, 3000, -5, -1])
+def test_truncated_anywhere(cut):
+    data = sample()
+    with pytest.raises(StreamError, match="truncated"):
+        read_all(data[:cut] if cut > 0 else data[:len(data) + cut])
+
+
+def test_a_missing_end_is_truncation():
+    data = sample()
+    end_len = stream.SECTION.size + 4 + stream.CRC.size
+    with pytest.raises(StreamError, match="truncated"):
+        read_all(data[:-end_len])
+
+
+def test_end_counts_the_sections():
+    out = io.BytesIO()
+    w = Writer(out)
+    w.header()
+    w.json(stream.CONF, {})
+    w.sections = 5  # lie
+    w.end()
+    with pytest.raises(StreamError, match="the end says 5 sections, 1 were read"):
+        read_all(out.getvalue())
+
+
+def test_oversized_length_is_refused_before_reading():
+    head = stream.HEADER.pack(stream.MAGIC, stream.VERSION, 0)
+    bogus = stream.SECTION.pack(stream.CONF, 1 << 31)
+    with pytest.raises(StreamError, match="exceeds the limit"):
+        read_all(head + bogus)  # no payload follows: nothing was allocated
+
+
+def test_unknown_sections():
+    out = io.BytesIO()
+    w = Writer(out)
+    w.header()
+    w.section(b"note", b"an ancillary section a reader may skip")
+    w.json(stream.CONF, {})
+    w.end()
+    assert [tag for tag, _ in read_all(out.getvalue())] == [stream.CONF]
+    out = io.BytesIO()
+    w = Writer(out)
+    w.header()
+    w.section(b"NEWS", b"a critical section from a newer format")
+    w.end()
+    with pytest.raises(StreamError, match="unknown critical section"):
+        read_all(out.getvalue())
+
+
+def test_ram_payload_must_be_whole_pages_inside_memory():
+    with pytest.raises(StreamError, match="outside guest memory"):
+        stream.parse_ram(stream.ram_payload(1 << 20, bytes(4096)), 1 << 20)
+    with pytest.raises(StreamError, match="whole pages"):
+        stream.parse_ram(stream.ram_payload(0, bytes(100)), 1 << 20)
+    with pytest.raises(StreamError, match="outside guest memory"):
+        stream.parse_ram(stream.ram_payload(0x800, bytes(4096)), 1 << 20)
+    with pytest.raises(StreamError, match="outside guest memory"):
+        stream.parse_zero(stream.zero_payload([(0xF0000, 100)]), 1 << 20)
+
+
+def test_return_path_frames():
+    data = stream.frame(stream.READY) + stream.frame(stream.FAILED, b'{"error": "x"}')
+    f = io.BytesIO(data)
+    assert stream.read_frame(f) == (stream.READY, b"")
+    assert stream.read_frame(f) == (stream.FAILED, b'{"error": "x"}')
+    with pytest.raises(EOFError):
+        stream.read_frame(f)
+    bad = bytearray(stream.frame(stream.COMMIT, b"x"))
+    bad[-1] ^= 0xFF
+    with pytest.raises(StreamError, match="checksum"):
+        stream.read_frame(io.BytesIO(bytes(bad)))
+
+
+def test_stream_errors_are_bad_input():
+    assert issubclass(StreamError, BadInput)
+
+
+# -- pre-copy arithmetic -------------------------------------------------------------
+
+def reference_runs(bitmap: bytes):
+    bits = int.from_bytes(bitmap, "little")
+    out, i, n = [], 0, len(bitmap) * 8
+    while i < n:
+        if bits >> i & 1:
+            j = i
+            while j < n and bits >> j & 1:
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=0, max_size=300))
+def test_runs_equal_the_reference(bitmap):
+    assert list(precopy.runs(bitmap)) == reference_runs(bitmap)
+    assert precopy.count(bitmap) == sum(n for _, n in reference_runs(bitmap))
+
+
+def test_runs_cross_span_boundaries():
+    bitmap = b"\xff" * 200 + b"\x00" * 10 + b"\x01"
+    assert list(precopy.runs(bitmap)) == [(0, 1600), (1680, 1)]
+    assert list(precopy.chunked([(0, 600)], 256)) == [(0, 256), (256, 256), (512, 88)]
+
+
+def test_the_stop_rule():
+    D = precopy.Decision
+    # 1 MB/s, 300 ms limit: 200 KB fits, 400 KB does not.
+    assert precopy.next_step(200_000, 1e6, 300, 1).decision is D.STOP_AND_COPY
+    assert precopy.next_step(400_000, 1e6, 300, 1).decision is D.ANOTHER_ROUND
+    assert precopy.next_step(400_000, 1e6, 300, 30).decision is D.GIVE_UP
+    assert precopy.next_step(0, 0, 300, 1).decision is D.STOP_AND_COPY
+    assert precopy.next_step(4096, 0, 300, 1).decision is D.ANOTHER_ROUND
+
+
+# -- URIs ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, parsed", [
+    ("file:/tmp/x", ("file", "/tmp/x", None, None)),
+    ("unix:/run/m.sock", ("unix", "/run/m.sock", None, None)),
+    ("tcp:127.0.0.1:4444", ("tcp", None, "127.0.0.1", 4444)),
+    ("tcp:[::1]:4444", ("tcp", None, "::1", 4444)),
+    ("tcp:host.example:1", ("tcp", None, "host.example", 1)),
+])
+def test_uris(text, parsed):
+    uri = parse_uri(text)
+    assert tuple(uri) == parsed and str(uri) == text
+
+
+@pytest.mark.parametrize("text", ["exec:cat", "file:", "tcp:host", "tcp::80", "tcp:h:0",
+                                  "tcp:h:99999", "tcp:[::1]4444", "nonsense"])
+def test_bad_uris(text):
+    with pytest.raises(UriError):
+        parse_uri(text)
+
+
+def test_crc_covers_the_header():
+    """A length changed together with a payload still fails the CRC."""
+    data = bytearray(sample())
+    offset = stream.HEADER.size
+    tag, length = stream.SECTION.unpack_from(data, offset)
+    payload = bytes(data[offset + 8:offset + 8 + length])
+    assert zlib.crc32(payload, zlib.crc32(bytes(data[offset:offset + 8]))) == \
+        struct.unpack_from("<I", data, offset + 8 + length)[0]
