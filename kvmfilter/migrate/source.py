@@ -41,7 +41,6 @@ log = logging.getLogger("kvmfilter.migrate")
 PAGE = stream.PAGE
 ZERO_PAGE = bytes(PAGE)
 ZERO_RUNS_PER_SECTION = 65536
-COMMIT_TIMEOUT = 30.0  # seconds for the destination to load the state and answer
 SEND_BUFFER = 1 << 20
 
 
@@ -208,6 +207,7 @@ class MigrationJob:
         vmm.control.add_listener(self._on_transition)
         out = None
         try:
+            self._status("setup")
             self._was_paused = vmm.status is not RunState.RUNNING
             out, sock = self._open()
             writer = stream.Writer(Counting(out, self.stats, self.params.max_bandwidth))
@@ -340,7 +340,9 @@ class MigrationJob:
 
     def _commit(self, sock) -> None:
         """READY from the destination, then COMMIT: the point of no return."""
-        sock.settimeout(COMMIT_TIMEOUT)
+        # After END the destination only loads the vCPU state (the RAM is in
+        # already): silence beyond the stall timeout is a stall here too.
+        sock.settimeout(self.params.stall_timeout / 1000)
         inp = sock.makefile("rb", buffering=0)
         tag, payload = self._answer(inp, "commit: waiting for the destination to load "
                                          "the state")
@@ -365,12 +367,12 @@ class MigrationJob:
         self.stats.downtime = time.monotonic() - self.stats.stop_at
         sock.close()
 
-    @staticmethod
-    def _answer(inp, phase: str):
+    def _answer(self, inp, phase: str):
         try:
             return stream.read_frame(inp)
         except (OSError, EOFError, stream.StreamError) as exc:
-            reason = "timed out" if "timed out" in str(exc) else str(exc) or type(exc).__name__
+            reason = (f"the destination stalled for {self.params.stall_timeout / 1000:g} s"
+                      if "timed out" in str(exc) else str(exc) or type(exc).__name__)
             raise MigrationError(f"{phase}: {reason}") from None
 
     def _fail(self, exc: Exception, out) -> None:

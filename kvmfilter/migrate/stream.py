@@ -52,7 +52,7 @@ MAX_LENGTH = {
     END: 4,
 }
 MAX_ANCILLARY = 1 << 20
-NAMES = {CONF: "configuration", RAM: "RAM", ZERO: "zero pages", VCPU: "vCPU state",
+NAMES = {b"ABRT": "abort", CONF: "configuration", RAM: "RAM", ZERO: "zero pages", VCPU: "vCPU state",
          CLCK: "clock", KVMF: "kvmfilter state", PASS: "pass", STOP: "stop", END: "end"}
 
 _U32 = struct.Struct("<I")
@@ -168,6 +168,8 @@ class Reader:
             tag, length = SECTION.unpack(head)
             if not all(0x20 <= b < 0x7F for b in tag):
                 raise StreamError(f"bad section tag {tag!r}", tag, start)
+            if tag == ABORT:
+                raise StreamError("the sender abandoned the stream", tag, start)
             known = tag in MAX_LENGTH
             if not known and critical(tag):
                 raise StreamError("unknown critical section (a newer format?)", tag, start)

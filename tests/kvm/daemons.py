@@ -71,13 +71,13 @@ class DaemonProcess:
     """`kvmfilter serve` with a socket, a journal and a metrics file in ``tmp``."""
 
     def __init__(self, tmp, *extra, env=None, journal=True, metrics=True, name="test-vm",
-                 socket_path=None, wait=True):
+                 socket_path=None, wait=True, prefix=()):
         self.socket = socket_path or str(tmp / "vm.sock")
         self.journal = str(tmp / "journal.db") if journal else None
         self.metrics = str(tmp / "vm.prom") if metrics else None
         self.stderr = open(tmp / f"serve-{os.getpid()}-{time.monotonic_ns()}.log", "w+")
-        cmd = kvmfilter_cmd() + ["--log-level", "info", "serve", *extra,
-                                 "--socket", self.socket]
+        cmd = list(prefix) + kvmfilter_cmd() + ["--log-level", "info", "serve", *extra,
+                                                "--socket", self.socket]
         if name is not None:  # None: an incoming VM keeps the name it had
             cmd += ["--name", name]
         if self.journal:
