@@ -136,10 +136,11 @@ def negotiate(args: dict) -> None:
     for i, cap in enumerate(enable):
         if not isinstance(cap, str):
             raise QmpError(f"Invalid parameter type for 'enable[{i}]', expected: string")
+        # QEMU's words, quirks included: its enum visitor names list elements 'null'.
         if cap == "oob":
-            raise QmpError(f"Capability '{cap}' not available")
+            raise QmpError(f"Capability {cap} not available")
         if cap not in CAPABILITIES:
-            raise QmpError(f"Parameter 'enable[{i}]' does not accept value '{cap}'")
+            raise QmpError(f"Parameter 'null' does not accept value '{cap}'")
 
 
 class Server:
