@@ -9,8 +9,11 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-# C0 controls except tab and newline, DEL, and C1 controls.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 controls except tab and newline, DEL, C1 controls; and the characters that
+# reorder or break text without being controls: bidi embeddings, overrides and
+# isolates ("Trojan Source"), the line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f"
+                     "\u2028-\u202e\u2066-\u2069]")
 
 # The CLI's hints for the gate's reasons, naming its own options.
 GATE_HINTS = {
@@ -22,9 +25,15 @@ GATE_HINTS = {
 }
 
 
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def terminal_safe(text: str) -> str:
-    """``text`` with control characters shown as ``\\xNN`` (newlines and tabs kept)."""
-    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with control characters shown as ``\\xNN`` (``\\uNNNN`` for the
+    bidi and separator characters); newlines and tabs kept."""
+    return _UNSAFE.sub(lambda m: _escape(m.group()), text)
 
 
 def human(r: dict, hints: dict) -> str:
@@ -69,10 +78,20 @@ _TAP_RESULT = re.compile(r"^(ok|not ok)\b\s*(\d+)?\s*(?:-\s*)?(.*?)\s*(?:#\s*(SK
 
 
 class Case:
-    """One test case: the guest's TAP results, the host's checks, the run itself."""
+    """One test case: the guest's TAP results, the host's checks, the run itself.
 
-    def __init__(self, name: str, ok: bool, skip: str | None = None, detail: str = ""):
-        self.name, self.ok, self.skip, self.detail = name, ok, skip, detail
+    ``skip``/``todo``: the reason, when the guest's TAP line had that directive
+    (a skip counts as neither pass nor fail; a TODO that fails is expected).
+    """
+
+    def __init__(self, name: str, ok: bool, skip: str | None = None, detail: str = "",
+                 todo: str | None = None):
+        self.name, self.ok, self.skip, self.detail, self.todo = name, ok, skip, detail, todo
+
+    @property
+    def failed(self) -> bool:
+        """A failure CI must report (not skipped, not an expected TODO failure)."""
+        return not self.ok and self.skip is None and self.todo is None
 
 
 def cases(r: dict) -> list[Case]:
@@ -82,8 +101,11 @@ def cases(r: dict) -> list[Case]:
         m = _TAP_RESULT.match(line.strip())
         if m:
             status, _, name, directive, reason = m.groups()
-            skip = reason or "skipped" if directive and directive.upper() == "SKIP" else None
-            out.append(Case(f"guest: {name or 'unnamed'}", status == "ok", skip))
+            directive = (directive or "").upper()
+            name = name.replace("\\#", "#")  # the guest's own TAP escape; tap() redoes it
+            out.append(Case(f"guest: {name or 'unnamed'}", status.lower() == "ok",
+                            skip=(reason or "skipped") if directive == "SKIP" else None,
+                            todo=(reason or "todo") if directive == "TODO" else None))
     for c in r["checks"]:
         out.append(Case(f"host: {c['name']}", c["ok"],
                         detail=f"guest {c['guest']}, host {c['host']}"))
@@ -95,43 +117,72 @@ def cases(r: dict) -> list[Case]:
     return out
 
 
+def _tap_description(text: str) -> str:
+    # TAP: a description may not contain "#" (it would start a directive) or a newline.
+    return terminal_safe(text).replace("\n", "\\n").replace("#", "\\#")
+
+
+def _tap_comments(text: str) -> list[str]:
+    return ["# " + terminal_safe(line) for line in text.splitlines() or [""]]
+
+
 def tap(r: dict) -> str:
-    """Strict TAP 13 for the run (kselftest's ``# Totals:`` line at the end)."""
+    """Strict TAP 13 for the run (kselftest's ``# Totals:`` line at the end).
+
+    Every line is the header, the plan, a test line or a ``#`` comment: the
+    guest's own comment lines follow the results (a guest's ``# Totals:`` is
+    renamed, so the last line is the only one).
+    """
     results = cases(r)
     lines = ["TAP version 13", f"1..{len(results)}"]
-    counts = {"pass": 0, "fail": 0, "skip": 0}
+    counts = {"pass": 0, "fail": 0, "xfail": 0, "xpass": 0, "skip": 0}
     for i, c in enumerate(results, 1):
-        line = f"{'ok' if c.ok else 'not ok'} {i} - {terminal_safe(c.name)}"
-        if c.skip:
-            line += f" # SKIP {terminal_safe(c.skip)}"
+        line = f"{'ok' if c.ok else 'not ok'} {i} - {_tap_description(c.name)}"
+        if c.skip is not None:
+            line += f" # SKIP {_tap_description(c.skip)}"
             counts["skip"] += 1
+        elif c.todo is not None:
+            line += f" # TODO {_tap_description(c.todo)}"
+            counts["xpass" if c.ok else "xfail"] += 1
         else:
             counts["pass" if c.ok else "fail"] += 1
         lines.append(line)
-        if not c.ok and c.detail:
-            lines.append(f"# {terminal_safe(c.detail)}")
+        if c.failed and c.detail:
+            lines += _tap_comments(c.detail)
     for text in r["console"].splitlines():
         if text.startswith("#"):
-            lines.append(terminal_safe(text))
-    lines.append(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:0 xpass:0 "
-                 f"skip:{counts['skip']} error:0")
+            text = text[1:].lstrip(" ")
+            if text.startswith("Totals:"):
+                text = "guest " + text
+            lines += _tap_comments(text)
+    lines.append(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} "
+                 f"xfail:{counts['xfail']} xpass:{counts['xpass']} skip:{counts['skip']} "
+                 "error:0")
     return "\n".join(lines)
 
 
 def junit(r: dict, suite: str = "kvmfilter.conformance") -> bytes:
-    """JUnit XML (one testsuite) for GitHub Actions, GitLab and Jenkins."""
+    """JUnit XML (one testsuite) for GitHub Actions, GitLab and Jenkins.
+
+    A SKIP, and a TODO that failed, are ``<skipped>``; guest text is escaped as
+    for a terminal, and what XML 1.0 cannot carry at all is escaped too.
+    """
     results = cases(r)
-    failures = sum(1 for c in results if not c.ok and not c.skip)
-    skipped = sum(1 for c in results if c.skip)
-    root = ET.Element("testsuites")
+    failures = sum(1 for c in results if c.failed)
+    skipped = sum(1 for c in results if c.skip is not None or (c.todo is not None and not c.ok))
+    root = ET.Element("testsuites", name="kvmfilter", tests=str(len(results)),
+                      failures=str(failures), errors="0", skipped=str(skipped),
+                      time=f"{r['elapsed_s']:.6f}")
     ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(results)),
                        failures=str(failures), errors="0", skipped=str(skipped),
                        time=f"{r['elapsed_s']:.6f}")
     for c in results:
         tc = ET.SubElement(ts, "testcase", classname=suite, name=_xml_safe(c.name))
-        if c.skip:
+        if c.skip is not None:
             ET.SubElement(tc, "skipped", message=_xml_safe(c.skip))
-        elif not c.ok:
+        elif c.todo is not None and not c.ok:
+            ET.SubElement(tc, "skipped", message=_xml_safe(f"TODO: {c.todo}"))
+        elif c.failed:
             failure = ET.SubElement(tc, "failure", message=_xml_safe(c.detail or "failed"))
             failure.text = _xml_safe(c.detail)
     out = ET.SubElement(ts, "system-out")
@@ -139,9 +190,10 @@ def junit(r: dict, suite: str = "kvmfilter.conformance") -> bytes:
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8")
 
 
-_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def _xml_safe(text: str) -> str:
-    """XML 1.0 cannot carry most control characters, even escaped."""
-    return _XML_INVALID.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """Terminal-safe (as the console is everywhere), and nothing XML 1.0 cannot
+    carry even escaped (lone surrogates included)."""
+    return _XML_INVALID.sub(lambda m: _escape(m.group()), terminal_safe(text))
