@@ -52,15 +52,24 @@ static const size_t KVMF_HYPERCALL_FLAGS_OFFSET =
 
 static void *kvmf_map_failed(void) { return MAP_FAILED; }
 
+/* Every ioctl but KVM_RUN is retried when a signal interrupts it (PEP 475's
+ * rule for Python's own calls): a SIGTERM that arrives while KVM_CREATE_VM
+ * works must not make it fail.  KVM_RUN's EINTR means "kicked": kvmf_run. */
 static int kvmf_ioctl(int fd, unsigned long request, void *arg)
 {
-    int r = ioctl(fd, request, arg);
+    int r;
+    do
+        r = ioctl(fd, request, arg);
+    while (r < 0 && errno == EINTR);
     return r < 0 ? -errno : r;
 }
 
 static int kvmf_ioctl_arg(int fd, unsigned long request, unsigned long arg)
 {
-    int r = ioctl(fd, request, arg);
+    int r;
+    do
+        r = ioctl(fd, request, arg);
+    while (r < 0 && errno == EINTR);
     return r < 0 ? -errno : r;
 }
 

@@ -5,8 +5,8 @@ Kept tiny on purpose: a Ctrl-C that arrives while the CLI is still importing
 and status 130 instead of a KeyboardInterrupt traceback.  ``cli.main`` puts
 Python's own handler back once it can report the interruption itself.
 """
+import _signal  # not signal: that one builds its enums first (milliseconds)
 import os
-import signal
 
 
 def _interrupted_early(signum, frame):
@@ -15,7 +15,7 @@ def _interrupted_early(signum, frame):
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, _interrupted_early)
+    _signal.signal(_signal.SIGINT, _interrupted_early)
     from .cli import main as cli_main
     cli_main()
 

@@ -82,8 +82,17 @@ class QmpClient:
             raise
 
     def read(self) -> dict:
-        """The next message (a reply or an event)."""
+        """The next message (a reply or an event), within ``timeout`` overall:
+        a peer that sends bytes forever without completing a message times out
+        as surely as a silent one."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while not self._ready:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise QmpClientError(f"{self.path}: no complete message within "
+                                         f"{self.timeout:g} s")
+                self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)
             except socket.timeout:

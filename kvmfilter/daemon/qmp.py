@@ -23,6 +23,7 @@ from ..base import KvmfilterError
 
 MAX_REQUEST = 64 * 1024
 MAX_NESTING = 1024  # QEMU's MAX_NESTING (qobject/json-streamer.c)
+MAX_SCALAR = 4096  # no real number or keyword comes near it
 
 
 class QmpError(KvmfilterError):
@@ -69,12 +70,17 @@ _TOKEN = re.compile(rb"""
   | (?P<string>"(?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])*")
   | (?P<scalar>-?[0-9][0-9.eE+-]*|[a-zA-Z]+)
 """, re.VERBOSE)
-# A string that has not ended (yet): its longest valid prefix.
+# A string that has not ended (yet): its longest valid prefix, and its body
+# from a given point on (so a long string arriving in pieces is scanned once).
 _STRING_PREFIX = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])*\\?')
+_STRING_BODY = re.compile(rb'(?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])*')
 # After a lexical error QEMU skips to a structural character, a control
 # character other than tab, or 0xFE/0xFF, and lexes that afresh
 # (qobject/json-lexer.c, IN_RECOVERY).
 _RECOVERY = re.compile(rb"[^\x00-\x08\x0a-\x1f{}\[\]:,\xfe\xff]*")
+# Skipping an over-limit value: the next byte that matters, inside and outside strings.
+_SKIP_IN_STRING = re.compile(rb'[\\"\x00-\x1f]')
+_SKIP_OUTSIDE = re.compile(rb'["{}\[\]]')
 
 
 class JsonStream:
@@ -93,6 +99,7 @@ class JsonStream:
         self.max_request = max_request
         self.max_nesting = max_nesting
         self._tail = b""       # an incomplete token, waiting for more bytes
+        self._tail_scanned = 0  # how much of an incomplete string is known good
         self._msg = bytearray()  # the tokens of the value being collected
         self._depth = 0
         self._recovering = False  # after a lexical error
@@ -102,8 +109,19 @@ class JsonStream:
 
     def feed(self, data: bytes) -> list:
         out: list = []
-        text = self._tail + data
-        self._tail = b""
+        scanned = self._tail_scanned
+        if scanned:  # an unfinished string: extend it in place, scan only what is new
+            text = self._tail
+            text += data
+            body = _STRING_BODY.match(text, scanned).end()
+            if body == len(text) or (body == len(text) - 1 and text[body] == 0x5C):
+                self._tail_scanned = 0
+                self._wait(text, out, body)
+                return out
+            text = bytes(text)
+        else:
+            text = self._tail + data
+        self._tail, self._tail_scanned = b"", 0
         pos, end = 0, len(text)
         while pos < end:
             if self._skipping:
@@ -114,6 +132,9 @@ class JsonStream:
                 self._recovering = pos == end
                 continue
             m = _TOKEN.match(text, pos)
+            if m is None and pos == end - 1 and text[pos] == 0x2D:  # '-': a number begins
+                self._wait(text[pos:], out)
+                return out
             if m is None:
                 pos = self._lexical_error(text, pos, out)
                 if pos < 0:  # a string that has not ended yet
@@ -121,6 +142,12 @@ class JsonStream:
                 continue
             kind = m.lastgroup
             if kind == "scalar" and m.end() == end:  # a number or keyword may go on
+                if end - pos > MAX_SCALAR:
+                    out.append(ParseError("JSON parse error, a number or keyword longer "
+                                          f"than {MAX_SCALAR} bytes"))
+                    self._reset()
+                    self._recovering = True
+                    return out
                 self._wait(text[pos:], out)
                 return out
             pos = m.end()
@@ -139,7 +166,10 @@ class JsonStream:
             self._msg += m.group()
             if len(self._msg) > self.max_request:
                 out.append(ParseError(f"request longer than {self.max_request} bytes"))
-                self._start_skipping()
+                if self._depth > 0:
+                    self._start_skipping()  # inside a structure: to its end
+                else:
+                    self._reset()  # a whole top-level token: nothing more to skip
                 continue
             if self._depth <= 0 and kind == "close":
                 self._emit(out)
@@ -151,7 +181,7 @@ class JsonStream:
         if text[pos:pos + 1] == b'"':
             prefix = _STRING_PREFIX.match(text, pos).end()
             if prefix == len(text):
-                self._wait(text[pos:], out)
+                self._wait(text[pos:], out, prefix - pos - (text[prefix - 1] == 0x5C))
                 return -1
             bad_end = prefix + 1  # the string up to and with its bad byte
         token = text[pos:bad_end].decode("utf-8", "replace")
@@ -160,14 +190,23 @@ class JsonStream:
         self._recovering = True
         return bad_end
 
-    def _wait(self, tail: bytes, out: list) -> None:
-        """Keep an incomplete token for the next read, within the size limit."""
+    def _wait(self, tail: bytes, out: list, scanned: int = 0) -> None:
+        """Keep an incomplete token for the next read, within the size limit;
+        ``scanned``: for a string, how many of its bytes are known good."""
         if len(self._msg) + len(tail) > self.max_request:
             out.append(ParseError(f"request longer than {self.max_request} bytes"))
+            self._tail, self._tail_scanned = b"", 0
             self._start_skipping()
-            out += self.feed(tail)  # rescanned in skip mode, so its strings are tracked
+            if scanned:  # inside a string whose bytes so far are good: skip from here
+                self._skip_string = True
+                self._skip_escape = scanned == len(tail) - 1  # it ends in a backslash
+            else:
+                out += self.feed(tail)  # rescanned in skip mode, so its strings are tracked
             return
-        self._tail = tail
+        # A bytearray, so a long string arriving in pieces is extended, not copied.
+        if scanned and not isinstance(tail, bytearray):
+            tail = bytearray(tail)
+        self._tail, self._tail_scanned = tail, scanned
 
     def _emit(self, out: list) -> None:
         text = bytes(self._msg)
@@ -182,11 +221,11 @@ class JsonStream:
         self._depth = 0
 
     def _start_skipping(self) -> None:
+        """Drop the value being collected and consume the rest of it, keeping
+        only its depth and whether we are inside a string."""
         self._skipping = True
         self._skip_string = self._skip_escape = False
         self._msg = bytearray()
-        if self._depth <= 0:
-            self._depth = 1
 
     def _skip(self, text: bytes, pos: int) -> int:
         """Consume the rest of an over-limit value; return where it ended."""
@@ -194,25 +233,34 @@ class JsonStream:
         depth = self._depth
         in_string, escape = self._skip_string, self._skip_escape
         while pos < end:
-            c = text[pos]
-            pos += 1
             if in_string:
                 if escape:
-                    escape = False
-                elif c == 0x5C:  # backslash
-                    escape = True
-                elif c == 0x22 or c < 0x20:  # a quote, or a byte no string may hold
-                    in_string = False
-            elif c == 0x22:
-                in_string = True
-            elif c in b"{[":
-                depth += 1
-            elif c in b"}]":
-                depth -= 1
-                if depth <= 0:
-                    self._skipping = False
-                    depth = 0
+                    escape, pos = False, pos + 1
+                    continue
+                m = _SKIP_IN_STRING.search(text, pos)
+                if m is None:
+                    pos = end
                     break
+                pos = m.end()
+                if m.group() == b"\\":
+                    escape = True
+                    continue
+                in_string = False  # a quote, or a byte no string may hold
+            else:
+                m = _SKIP_OUTSIDE.search(text, pos)
+                if m is None:
+                    pos = end
+                    break
+                pos = m.end()
+                c = m.group()
+                if c == b'"':
+                    in_string = True
+                    continue
+                depth += 1 if c in b"{[" else -1
+            if depth <= 0:
+                self._skipping = False
+                depth = 0
+                break
         self._depth = depth
         self._skip_string, self._skip_escape = in_string, escape
         return pos
