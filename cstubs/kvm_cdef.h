@@ -223,16 +223,26 @@ int kvmf_eat_kicks(void);                                        /* kicks consum
 struct kvmf_msr_fast {
     uint32_t index; uint32_t enabled; uint64_t value;
     uint32_t read_gp; uint32_t write_all_gp; uint64_t write_gp_mask;
+    uint32_t accept_changes; uint32_t lock; uint64_t seq;
 };
+struct kvmf_transition { uint64_t seq; uint64_t time_ns; uint32_t vcpu; uint32_t old_value;
+                         uint32_t new_value; uint32_t pad; };
+struct kvmf_ring { uint32_t vcpu; uint32_t capacity; uint32_t head; uint32_t tail;
+                   struct kvmf_transition *entries; };
 struct kvmf_fast_counts { uint64_t read_ok; uint64_t read_gp; uint64_t write_ok; uint64_t write_gp; };
 struct kvmf_console { uint32_t port; uint32_t capacity; uint32_t length; uint32_t exits; char *buffer; };
 int kvmf_fast_decide(struct kvmf_msr_fast *f, int is_write, uint64_t data, uint64_t *out);
+int kvmf_change(struct kvmf_msr_fast *f, struct kvmf_ring *ring, uint64_t data,
+                uint64_t time_ns);
+int kvmf_drain(struct kvmf_ring **rings, int nrings, uint64_t *last_seq,
+               struct kvmf_transition *out, int max);
 int kvmf_console_out(struct kvm_run *run, struct kvmf_console *con);
 int kvmf_fast_service(struct kvm_run *run, struct kvmf_msr_fast *f,
-                      struct kvmf_fast_counts *counts, struct kvmf_console *con);
+                      struct kvmf_fast_counts *counts, struct kvmf_console *con,
+                      struct kvmf_ring *ring);
 int kvmf_run_fast(int vcpu_fd, struct kvm_run *run, struct kvmf_msr_fast *f,
                   struct kvmf_fast_counts *counts, struct kvmf_console *con,
-                  uint32_t budget);
+                  struct kvmf_ring *ring, uint32_t budget);
 
 /* ---- benchmark baseline ---- */
 long kvmf_bench_c_loop(int vcpu_fd, struct kvm_run *run, uint32_t index);

@@ -160,27 +160,36 @@ static int kvmf_vcpu_thread_signals(int vcpu_fd)
 }
 
 /* ---- the MSR fast path ----------------------------------------------------
- * Most accesses to the migration-control MSR change nothing: a read, a write
- * of the current value, a write the policy rejects whatever the value.  The
- * policy (kvmfilter/policy/readiness.py) publishes those verdicts here as
- * rules (kvmfilter/kvm/fastpath.py); kvmf_fast_service applies them without
- * leaving C, and hands everything else back to Python - above all every write
- * that would change the value, so the policy alone decides transitions and
- * the journal commits them before the vCPU re-enters.
+ * Most accesses to the migration-control MSR are decided by rules the policy
+ * (kvmfilter/policy/readiness.py) publishes here (kvmfilter/kvm/fastpath.py):
+ * a read returns the value, a write of the current value changes nothing, a
+ * write with a reserved bit gets #GP.  kvmf_fast_service applies them without
+ * leaving C.
  *
- * Memory ordering (x86-TSO): Python writes `value` and `enabled` under the
- * policy's lock; a vCPU thread here reads them without it.  Python publishes
- * with enabled=0, the rules, then enabled=1; TSO keeps stores in program order
- * and loads in program order, and the acquire loads below stop the compiler
- * from reordering, so a reader that sees enabled=1 sees the rules written
- * before it.  `value` may change under a reader (another vCPU's transition):
- * the reader then answers with the value just before or just after that write,
- * which is what the guest could have seen anyway.
+ * A write that changes the value: when a journal must commit it before the
+ * vCPU re-enters, it always goes to Python (accept_changes = 0).  Without one,
+ * the policy lets C apply it (accept_changes = 1): kvmf_change updates the
+ * value and appends a transition record, with a sequence number, to the
+ * vCPU's ring, under one small lock so value and sequence stay in step across
+ * vCPUs.  Python folds the records into the readiness record in sequence order
+ * whenever it reads it (and on a timer in the daemon), so the policy still
+ * sees and records every transition - late, not lost: a full ring sends the
+ * write to Python, which drains first.  Python's own changes go through
+ * kvmf_change too, so there is one order for all of them.
+ *
+ * Memory ordering (x86-TSO): Python writes the rules with enabled=0 first and
+ * enabled=1 last; TSO keeps stores and loads in program order and the acquire
+ * loads below keep the compiler from reordering, so a reader that sees
+ * enabled=1 sees the rules written before it.  `value` changes only under
+ * `lock`; a reader without the lock sees the value just before or just after
+ * a concurrent change, which the guest could have seen anyway.  A ring's
+ * entries are written before its head is published (release store) and read
+ * after the head is read (acquire load); one vCPU thread produces, the policy
+ * (under its own lock) consumes.
  *
  * The counts are per vCPU, written only by that vCPU's thread and never reset:
- * Python reads them live (queries, metrics) while the vCPU runs.  Aligned
- * 64-bit stores and loads are atomic on x86-64; the relaxed atomic stores
- * keep the compiler from tearing or caching them.
+ * Python reads them live.  Aligned 64-bit accesses are atomic on x86-64; the
+ * relaxed atomic stores keep the compiler from tearing or caching them.
  */
 struct kvmf_msr_fast {
     uint32_t index;          /* the MSR this applies to */
@@ -189,6 +198,26 @@ struct kvmf_msr_fast {
     uint32_t read_gp;        /* 1: every RDMSR gets #GP */
     uint32_t write_all_gp;   /* 1: every WRMSR gets #GP */
     uint64_t write_gp_mask;  /* WRMSR data & mask != 0: #GP, value unchanged */
+    uint32_t accept_changes; /* 1: C applies (and records) value-changing writes */
+    uint32_t lock;           /* serializes changes of value and their sequence numbers */
+    uint64_t seq;            /* the sequence number of the last change */
+};
+
+struct kvmf_transition {
+    uint64_t seq;
+    uint64_t time_ns;        /* CLOCK_REALTIME */
+    uint32_t vcpu;
+    uint32_t old_value;
+    uint32_t new_value;
+    uint32_t pad;
+};
+
+struct kvmf_ring {            /* one vCPU's transitions not yet in the record */
+    uint32_t vcpu;
+    uint32_t capacity;       /* a power of two */
+    uint32_t head;           /* written by the producer (the vCPU's thread) */
+    uint32_t tail;           /* written by the consumer (the policy) */
+    struct kvmf_transition *entries;
 };
 
 struct kvmf_fast_counts {
@@ -209,7 +238,8 @@ struct kvmf_console {
 
 #define KVMF_COUNT(c) __atomic_store_n(&(c), (c) + 1, __ATOMIC_RELAXED)
 
-/* -1: Python must decide.  0: ok (for a read, *out = the value).  1: #GP. */
+/* -1: Python must decide.  0: ok (for a read, *out = the value).  1: #GP.
+ * 2: a write that changes the value, which C may apply (*out = the new value). */
 static int kvmf_fast_decide(struct kvmf_msr_fast *f, int is_write, uint64_t data,
                             uint64_t *out)
 {
@@ -223,7 +253,78 @@ static int kvmf_fast_decide(struct kvmf_msr_fast *f, int is_write, uint64_t data
     }
     if (f->write_all_gp || (data & f->write_gp_mask))
         return 1;
-    return data == __atomic_load_n(&f->value, __ATOMIC_ACQUIRE) ? 0 : -1;
+    if (data == __atomic_load_n(&f->value, __ATOMIC_ACQUIRE))
+        return 0;
+    if (!__atomic_load_n(&f->accept_changes, __ATOMIC_ACQUIRE))
+        return -1;
+    *out = data;
+    return 2;
+}
+
+/* Set the value to `data` and record the change in `ring` (at `time_ns`, or
+ * now when 0): 1 changed, 0 it already was `data`, -1 the ring is full
+ * (nothing changed; drain it first). */
+static int kvmf_change(struct kvmf_msr_fast *f, struct kvmf_ring *ring, uint64_t data,
+                       uint64_t time_ns)
+{
+    int changed = 0;
+    while (__atomic_exchange_n(&f->lock, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&f->lock, __ATOMIC_RELAXED))
+            __builtin_ia32_pause();
+    uint64_t old = f->value;
+    if (old != data) {
+        uint32_t head = ring->head;
+        if (head - __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE) >= ring->capacity) {
+            changed = -1;
+        } else {
+            struct kvmf_transition *t = &ring->entries[head & (ring->capacity - 1)];
+            if (!time_ns) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                time_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+            }
+            t->seq = ++f->seq;
+            t->time_ns = time_ns;
+            t->vcpu = ring->vcpu;
+            t->old_value = (uint32_t)old;
+            t->new_value = (uint32_t)data;
+            __atomic_store_n(&f->value, data, __ATOMIC_RELEASE);
+            __atomic_store_n(&ring->head, head + 1, __ATOMIC_RELEASE);
+            changed = 1;
+        }
+    }
+    __atomic_store_n(&f->lock, 0, __ATOMIC_RELEASE);
+    return changed;
+}
+
+/* Take up to `max` recorded transitions from the rings into `out`, in sequence
+ * order, starting after *last_seq (updated).  A record is taken only when every
+ * one before it has been: a vCPU's record appears in its ring under the same
+ * lock that gave it its number, so there are no gaps to wait for. */
+static int kvmf_drain(struct kvmf_ring **rings, int nrings, uint64_t *last_seq,
+                      struct kvmf_transition *out, int max)
+{
+    int count = 0;
+    while (count < max) {
+        uint64_t want = *last_seq + 1;
+        int found = 0;
+        for (int i = 0; i < nrings && !found; i++) {
+            struct kvmf_ring *r = rings[i];
+            uint32_t tail = r->tail;
+            if (tail == __atomic_load_n(&r->head, __ATOMIC_ACQUIRE))
+                continue;
+            struct kvmf_transition *e = &r->entries[tail & (r->capacity - 1)];
+            if (e->seq != want)
+                continue;
+            out[count++] = *e;
+            __atomic_store_n(&r->tail, tail + 1, __ATOMIC_RELEASE);
+            *last_seq = want;
+            found = 1;
+        }
+        if (!found)
+            break;
+    }
+    return count;
 }
 
 /* Collect a console OUT; 0 if it is not one or does not fit (Python takes it). */
@@ -245,7 +346,8 @@ static int kvmf_console_out(struct kvm_run *run, struct kvmf_console *con)
  * same rules as kvmfilter.kvm.exits.apply: the two are tested against each
  * other on hand-filled run pages. */
 static int kvmf_fast_service(struct kvm_run *run, struct kvmf_msr_fast *f,
-                             struct kvmf_fast_counts *counts, struct kvmf_console *con)
+                             struct kvmf_fast_counts *counts, struct kvmf_console *con,
+                             struct kvmf_ring *ring)
 {
     uint32_t reason = run->exit_reason;
     if (reason == KVM_EXIT_IO)
@@ -256,8 +358,10 @@ static int kvmf_fast_service(struct kvm_run *run, struct kvmf_msr_fast *f,
     int is_write = reason == KVM_EXIT_X86_WRMSR;
     uint64_t value = 0;
     int verdict = kvmf_fast_decide(f, is_write, run->msr.data, &value);
-    if (verdict < 0)
+    if (verdict < 0 || (verdict == 2 && (ring == NULL || kvmf_change(f, ring, value, 0) < 0)))
         return 0;
+    if (verdict == 2)
+        verdict = 0;
     /* KVM ABI: api.rst, KVM_EXIT_X86_RDMSR/WRMSR: error=1 injects #GP; for
      * RDMSR, data is what the guest reads. */
     run->msr.error = (uint8_t)verdict;
@@ -277,13 +381,13 @@ static int kvmf_fast_service(struct kvm_run *run, struct kvmf_msr_fast *f,
  * released for all of it. */
 static int kvmf_run_fast(int vcpu_fd, struct kvm_run *run, struct kvmf_msr_fast *f,
                          struct kvmf_fast_counts *counts, struct kvmf_console *con,
-                         uint32_t budget)
+                         struct kvmf_ring *ring, uint32_t budget)
 {
     while (budget--) {
         int r = kvmf_run(vcpu_fd);
         if (r < 0)
             return r;
-        if (!kvmf_fast_service(run, f, counts, con))
+        if (!kvmf_fast_service(run, f, counts, con, ring))
             return 0;
     }
     return 1;

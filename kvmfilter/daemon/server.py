@@ -44,6 +44,7 @@ MAX_BACKLOG = 1 << 20
 DRAIN_DEADLINE = 1.0  # seconds to flush every client at shutdown, all at once
 METRICS_INTERVAL = 1.0  # the metrics file and sd_notify STATUS lag by at most this
 PAUSE_TIMEOUT = 5.0
+SYNC_INTERVAL = 0.1  # how often changes the C fast path applied reach the record
 CAPABILITIES: list[str] = []  # QMP capabilities offered (QEMU offers "oob")
 
 
@@ -298,21 +299,26 @@ class Server:
                                                        "error": exc.strerror or str(exc)})
 
     async def _tick(self) -> None:
-        """Every second: metrics (counters move without transitions), STATUS, watchdog."""
+        """Every second: metrics (counters move without transitions), STATUS, watchdog;
+        every SYNC_INTERVAL: take the transitions the C fast path applied (their
+        events go out from here)."""
         watchdog = watchdog_interval()
-        last_ping = 0.0
+        last_ping = last_tick = 0.0
         while not self._done.is_set():
             now = time.monotonic()
+            if self.vmm is not None:
+                self.vmm.control.sync()
             if watchdog is not None and now - last_ping >= watchdog:
                 self.notifier.send("WATCHDOG=1")
                 last_ping = now
-            self.write_metrics()
-            if self._dirty:
-                self._dirty = False
-                self.notifier.send(f"STATUS={self._status_line()}")
-            wait = METRICS_INTERVAL if watchdog is None else min(METRICS_INTERVAL, watchdog)
+            if now - last_tick >= METRICS_INTERVAL:
+                last_tick = now
+                self.write_metrics()
+                if self._dirty:
+                    self._dirty = False
+                    self.notifier.send(f"STATUS={self._status_line()}")
             try:
-                await asyncio.wait_for(self._done.wait(), wait)
+                await asyncio.wait_for(self._done.wait(), SYNC_INTERVAL)
             except asyncio.TimeoutError:
                 pass
 

@@ -448,15 +448,15 @@ class Vcpu(_Fd):
         from then on a kick can interrupt KVM_RUN and nothing else on it."""
         _check(lib.kvmf_vcpu_thread_signals(self.fd), "KVM_SET_SIGNAL_MASK")
 
-    def run_fast(self, fast, counts, console, budget: int) -> bool:
+    def run_fast(self, fast, counts, console, ring, budget: int) -> bool:
         """KVM_RUN in C with the MSR and console fast paths (cstubs/kvm_source.c).
 
         Returns True when an exit awaits Python in the run page, False when
         ``budget`` fast exits were serviced in C.  EINTR as in ``run()``.
-        ``console`` may be ``ffi.NULL``.
+        ``console`` and ``ring`` may be ``ffi.NULL``.
         """
         while True:
-            r = lib.kvmf_run_fast(self.fd, self.run_page, fast, counts, console, budget)
+            r = lib.kvmf_run_fast(self.fd, self.run_page, fast, counts, console, ring, budget)
             if self._settled(r):
                 return r != 1
 

@@ -189,6 +189,7 @@ class MigrationJob:
 
     def _check(self) -> None:
         """Between any two steps: cancelled, or the guest took READY back?"""
+        self.vmm.control.sync()  # changes the fast path applied reach the listener
         if self._cancel.is_set():
             raise Cancelled("cancelled by migrate_cancel")
         if self._abort:

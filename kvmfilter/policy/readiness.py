@@ -17,6 +17,13 @@ the review of the 2021 SEV live-migration series; docs/kvm-abi.md):
 Memory stays bounded however long a guest runs: the first ``ACCESS_LOG_LIMIT``
 accesses and the last ``HISTORY_LIMIT`` transitions are kept, with totals;
 a journal (``ReadinessJournal``) keeps every transition.
+
+A VMM with a fast path may keep the value itself (``attach_value``): then
+every change, the policy's or the fast path's, goes through that holder, which
+records them in order; the policy folds them into its record whenever it is
+read (``sync``).  Without a recorder the fast path may apply changes itself
+(``fast_rules()["accept_changes"]``): they reach the record, the log and the
+listeners late, never out of order and never lost.
 """
 from __future__ import annotations
 
@@ -99,12 +106,14 @@ class MigrationControl:
         self.initial_value = 0 if encrypted_memory else KVM_MIGRATION_READY
         self._value = self.initial_value
         self._clock = clock
-        self._lock = threading.Lock()
+        # Re-entrant: a listener may read the record (it runs under the lock).
+        self._lock = threading.RLock()
+        self._holder = None  # where the value lives when a fast path keeps it
+        self._syncing = False
         self._recorders: list = []  # callables taking a Transition, before the change
         self._listeners: list = []  # callables taking a Transition, after it
         self._count_sources: list[CountSource] = []
-        self._state_listeners: list = []
-        self.since = clock()  # when the value last changed (or the VM was created)
+        self._since = clock()  # when the value last changed (or the VM was created)
         self.accesses: list[dict] = []
         self._accesses_total = 0
         self._verdicts = {VerdictName.OK: 0, VerdictName.GP: 0}
@@ -134,22 +143,31 @@ class MigrationControl:
         the guest's write.  Then the value changes and the listeners run.  All
         of it before this returns, so before the vCPU re-enters the guest.
         """
+        op = op if type(op) is Op else Op(op)
         with self._lock:
+            self._sync_locked()
             old = self._value
             verdict = self.decide(op, data, old)
             transition = None
-            if op == Op.WRMSR and not verdict.gp and verdict.value != old:
+            if op is Op.WRMSR and not verdict.gp and verdict.value != old:
                 transition = Transition(vcpu, old, verdict.value, self._clock())
                 for recorder in self._recorders:
                     recorder(transition)
-            self._count(vcpu, Op(op), verdict.name, 1)
+            self._count(vcpu, op, verdict.name, 1)
             if len(self.accesses) < ACCESS_LOG_LIMIT:
-                self.accesses.append({"vcpu": vcpu, "op": Op(op),
-                                      "data": data if op == Op.WRMSR
+                self.accesses.append({"vcpu": vcpu, "op": op,
+                                      "data": data if op is Op.WRMSR
                                       else 0 if verdict.gp else verdict.value,
                                       "verdict": verdict.name})
             if transition is not None:
-                self._transition(transition)
+                holder = self._holder
+                if holder is None:
+                    self._transition(transition)
+                else:  # through the holder, so it takes its place in the one order
+                    if holder.change(vcpu, transition.new, transition.time) < 0:
+                        self._sync_locked()  # its record was full: take it, then again
+                        holder.change(vcpu, transition.new, transition.time)
+                    self._sync_locked()
             return verdict
 
     def _count(self, vcpu: int, op: Op, verdict: VerdictName, n: int) -> None:
@@ -162,18 +180,58 @@ class MigrationControl:
 
     def _transition(self, t: Transition) -> None:
         self._value = t.new
-        self.since = t.time
+        self._since = t.time
         self._history.append(t)
         self._transitions_total += 1
-        log.info("migration_readiness_changed",
-                 extra={"vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new)})
+        if log.isEnabledFor(logging.INFO):
+            log.info("migration_readiness_changed",
+                     extra={"vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new)})
         for listener in self._listeners:
             listener(t)
+
+    # -- a value a fast path keeps -------------------------------------------------
+
+    def attach_value(self, holder) -> None:
+        """Let ``holder`` keep the value (kvmfilter's C fast path does).
+
+        ``holder.change(vcpu, value, time)`` applies a change the policy decided
+        (1 done, 0 already so, -1 full: the policy syncs and tries again);
+        ``holder.drain()`` returns every change made since the last drain, the
+        holder's own included, in order, as ``(vcpu, old, new, time)``;
+        ``holder.load(value)`` sets a restored value.
+        """
+        self._holder = holder
+
+    def sync(self) -> None:
+        """Fold the changes the holder recorded into the record (in order)."""
+        with self._lock:
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        if self._holder is None or self._syncing:
+            return  # a listener reading the record while a sync runs: it is current
+        self._syncing = True
+        try:
+            changes = self._holder.drain()
+            if not changes:
+                return
+            if self._listeners or log.isEnabledFor(logging.INFO):
+                for change in changes:
+                    self._transition(Transition(*change))
+                return
+            # Nobody listens: only the totals, the latest value and the last
+            # HISTORY_LIMIT changes matter (a flood folds in one step).
+            self._history.extend(Transition(*c) for c in changes[-HISTORY_LIMIT:])
+            self._transitions_total += len(changes)
+            self._value = changes[-1][2]
+            self._since = changes[-1][3]
+        finally:
+            self._syncing = False
 
     # -- accesses serviced outside access() ------------------------------------
 
     @property
-    def lock(self) -> threading.Lock:
+    def lock(self) -> threading.RLock:
         """Held while deciding and while notifying listeners."""
         return self._lock
 
@@ -186,7 +244,9 @@ class MigrationControl:
         return {"value": self._value,
                 "read_gp": not self.advertised,
                 "write_all_gp": not self.advertised,
-                "write_gp_mask": ~KVM_MIGRATION_READY & 0xFFFF_FFFF_FFFF_FFFF}
+                "write_gp_mask": ~KVM_MIGRATION_READY & 0xFFFF_FFFF_FFFF_FFFF,
+                # Changes may skip the policy only when nothing must commit first.
+                "accept_changes": not self._recorders and self._holder is not None}
 
     def add_count_source(self, source: CountSource) -> None:
         """Count accesses a VMM serviced itself with ``fast_rules()``.
@@ -199,6 +259,7 @@ class MigrationControl:
     def _counted(self) -> tuple[int, dict, dict]:
         """(total, verdicts, per_vcpu) including every count source."""
         with self._lock:
+            self._sync_locked()
             total = self._accesses_total
             verdicts = dict(self._verdicts)
             per_vcpu = {v: dict(c) for v, c in self._per_vcpu.items()}
@@ -241,24 +302,38 @@ class MigrationControl:
     @property
     def last_changed_by(self) -> Optional[int]:
         """The vCPU whose write made the last change (None: no change yet)."""
-        return self._history[-1].vcpu if self._history else None
+        with self._lock:
+            self._sync_locked()
+            return self._history[-1].vcpu if self._history else None
 
     @property
     def value(self) -> int:
-        return self._value
+        with self._lock:
+            self._sync_locked()
+            return self._value
+
+    @property
+    def since(self) -> float:
+        """When the value last changed (or the VM was created), seconds since the epoch."""
+        with self._lock:
+            self._sync_locked()
+            return self._since
 
     @property
     def ready(self) -> bool:
         """The guest has announced it may be live-migrated (and could say so)."""
-        return self.advertised and bool(self._value & KVM_MIGRATION_READY)
+        return self.advertised and bool(self.value & KVM_MIGRATION_READY)
 
     @property
     def transitions_total(self) -> int:
-        return self._transitions_total
+        with self._lock:
+            self._sync_locked()
+            return self._transitions_total
 
     def transitions(self) -> list[Transition]:
         """The most recent transitions (at most HISTORY_LIMIT), oldest first."""
         with self._lock:
+            self._sync_locked()
             return list(self._history)
 
     def blocked_reasons(self, page_map=None, encryption_status=None,
@@ -280,7 +355,7 @@ class MigrationControl:
             return {
                 "advertised": self.advertised,
                 "value": self._value,
-                "ready": self.ready,
+                "ready": self.advertised and bool(self._value & KVM_MIGRATION_READY),
                 "initial_value": self.initial_value,
                 "accesses": list(self.accesses),
                 "accesses_total": total,
@@ -289,7 +364,7 @@ class MigrationControl:
                 "transitions": history,
                 "transitions_total": self._transitions_total,
                 "transitions_omitted": self._transitions_total - len(history),
-                "since": rfc3339(self.since),
+                "since": rfc3339(self._since),
             }
 
     # -- carrying the state to another VMM (snapshots, migration) ---------------
@@ -305,7 +380,7 @@ class MigrationControl:
                     "encrypted_memory": self.encrypted_memory,
                     "initial_value": self.initial_value,
                     "value": self._value,
-                    "since": self.since,
+                    "since": self._since,
                     "accesses": list(self.accesses),
                     "accesses_total": total,
                     "verdicts": verdicts,
@@ -352,7 +427,7 @@ class MigrationControl:
             raise BadInput(f"migration-control state is malformed: {exc}") from None
         with self._lock:
             self._value = value
-            self.since = since
+            self._since = since
             self.accesses = accesses
             self._accesses_total = total
             self._verdicts = verdicts
@@ -360,9 +435,7 @@ class MigrationControl:
             self._history.clear()
             self._history.extend(history)
             self._transitions_total = transitions_total
-        for listener in self._state_listeners:
-            listener(value)
+            if self._holder is not None:
+                self._holder.drain()  # anything recorded before belongs to the old state
+                self._holder.load(value)
 
-    def add_state_listener(self, listener) -> None:
-        """Call ``listener(value)`` when ``load_state`` replaces the value."""
-        self._state_listeners.append(listener)

@@ -52,11 +52,12 @@ class MigrationControlMsr:
             return MSR_GP
         return self._ok.get(verdict.value) or MsrReply(False, verdict.value)
 
-    def attach_fast_path(self, rules) -> None:
+    def attach_fast_path(self, rules, holder) -> None:
+        """The machine's C fast path: ``rules`` to publish verdicts to, and
+        ``holder`` (``kvm.fastpath.FastValue``), which keeps the value from now on."""
         self.rules = rules
-        # Runs under the policy's lock, before the transition's vCPU re-enters.
-        self.control.add_listener(lambda t: rules.set_value(t.new))
-        self.control.add_state_listener(rules.set_value)  # a restored value
+        holder.load(self.control.value)
+        self.control.attach_value(holder)
 
     @staticmethod
     def fast_counts(fast_paths):

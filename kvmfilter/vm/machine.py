@@ -18,7 +18,7 @@ from typing import Optional
 from ..base import KvmfilterError, StrEnum, Unavailable
 from ..kvm import abi
 from ..kvm.cpuid import per_vcpu, pv_bits, with_pv_features
-from ..kvm.fastpath import MsrRules, VcpuFastPath
+from ..kvm.fastpath import FastValue, MsrRules, TransitionRing, VcpuFastPath
 from ..kvm.kick import kick_signal
 from ..kvm import vcpu_state
 from ..kvm.msr_filter import READ, WRITE, MsrFilter
@@ -153,15 +153,15 @@ class Machine:
 
         A handler with ``reads``/``writes`` says which accesses it takes (the
         filter is derived from them).  One MSR may also be served in C: a
-        handler with ``attach_fast_path(rules)`` receives the ``MsrRules`` to
-        publish its no-change verdicts to, and ``count_source(fast_paths)``
-        to count what C serviced.
+        handler with ``attach_fast_path(rules, holder)`` receives, at set-up,
+        the ``MsrRules`` to publish its verdicts to and the ``FastValue`` that
+        keeps the MSR's value and records its changes.
         """
         self._configurable()
         self.msr_handlers[index] = handler
         if self.fast_path and self.msr_rules is None and hasattr(handler, "attach_fast_path"):
             self.msr_rules = MsrRules(index)
-            handler.attach_fast_path(self.msr_rules)
+            self._fast_handler = handler
 
     def add_hypercall_handler(self, nr: int, handler,
                               cpuid_feature_bit: Optional[int] = None) -> None:
@@ -223,13 +223,17 @@ class Machine:
             vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, abi.KVM_MSR_EXIT_REASON_FILTER)
             vm.set_msr_filter(self.msr_filter())
         console_port = self.ports.console_port() if self.fast_path else None
+        rings: dict = {}
         for index in range(self.nvcpus):
             vcpu = vm.create_vcpu(index)
-            fast = VcpuFastPath(self.msr_rules, console_port) if self.fast_path else None
+            ring = rings[index] = TransitionRing(index) if self.msr_rules else None
+            fast = VcpuFastPath(self.msr_rules, console_port, ring) if self.fast_path else None
             self.threads.append(VcpuThread(vcpu, self.control, self.handlers, fast,
                                            self.console.append, self._vcpu_finished))
             vcpu.set_cpuid2(per_vcpu(cpuid, index, self.nvcpus))
         self.cpuid = cpuid
+        if self.msr_rules is not None:
+            self._fast_handler.attach_fast_path(self.msr_rules, FastValue(self.msr_rules, rings))
         log.info("vm_created", extra={"vcpus": self.nvcpus, "memory": self.memory_size,
                                       "msrs": sorted(self.msr_handlers)})
 
