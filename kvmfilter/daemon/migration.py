@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Callable, Optional
 
 from ..migrate.destination import Incoming
@@ -34,9 +35,10 @@ class Migrations:
         self.incoming_status: dict = {}
         self.incoming_error: Optional[str] = None
 
-    def post_event(self, name: str, data: dict) -> None:
-        """From any thread."""
-        self._loop.call_soon_threadsafe(self._broadcast_event, name, data)
+    def post_event(self, name: str, data: Optional[dict], at: Optional[float] = None) -> None:
+        """From any thread; ``at``: when it happened (wall clock), if not now."""
+        self._loop.call_soon_threadsafe(self._broadcast_event, name, data,
+                                        time.time() if at is None else at)
 
     # -- outgoing --------------------------------------------------------------------
 
@@ -107,10 +109,11 @@ class Migrations:
 
         threading.Thread(target=main, name="incoming", daemon=True).start()
 
-    def on_incoming_event(self, name: str, data: dict) -> None:
+    def on_incoming_event(self, name: str, data: Optional[dict],
+                          at: Optional[float] = None) -> None:
         if name == "MIGRATION":
             self.incoming_status = {**self.incoming_status, "status": data["status"]}
-        self.post_event(name, data)
+        self.post_event(name, data, at)
 
     def abandon_incoming(self) -> None:
         if self.incoming is not None:

@@ -206,8 +206,9 @@ class Server:
             if client.negotiated:
                 client.send(msg)
 
-    def broadcast_event(self, name: str, data: Optional[dict] = None) -> None:
-        self.broadcast(event(name, data))
+    def broadcast_event(self, name: str, data: Optional[dict] = None,
+                        at: Optional[float] = None) -> None:
+        self.broadcast(event(name, data, at))
 
     def require_guest(self) -> None:
         """Refuse a lifecycle command when there is no guest to apply it to."""

@@ -38,8 +38,11 @@ class IncomingError(KvmfilterError):
 
 
 def receive(kvm, reader: stream.Reader, origin: str, source: str,
-            on_event: Callable[[str, dict], None] = lambda n, d: None, **overrides):
+            on_event: Callable[..., None] = lambda name, data, at=None: None,
+            on_sync: Callable[[bytes], None] = lambda number: None, **overrides):
     """Read a whole stream; the built ``Vmm`` (not started) and facts about it.
+
+    ``on_sync(number)``: a SYNC section arrived (everything before it is in).
 
     Raises:
         StreamError: the stream is malformed (says which section and why).
@@ -78,6 +81,8 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
             elif tag == stream.PASS:
                 facts["passes"] = stream.parse_u32(tag, payload)
                 on_event("MIGRATION_PASS", {"pass": facts["passes"]})
+            elif tag == stream.SYNC:
+                on_sync(payload)
             elif tag == stream.STOP:
                 facts["source_stopped"] = float(stream.parse_json(tag, payload).get("time", 0))
             else:  # CONF again
@@ -140,7 +145,8 @@ class Incoming:
     """
 
     def __init__(self, kvm, uri: Uri,
-                 on_event: Callable[[str, dict], None] = lambda n, d: None, **overrides):
+                 on_event: Callable[..., None] = lambda name, data, at=None: None,
+                 **overrides):
         self.kvm = kvm
         self.uri = uri
         self.on_event = on_event
@@ -185,8 +191,10 @@ class Incoming:
         inp = conn.makefile("rb", buffering=1 << 20)
         self.started_at = time.monotonic()
         try:
-            vmm, self.facts = receive(self.kvm, stream.Reader(inp), "incoming", str(self.uri),
-                                      self.on_event, **self.overrides)
+            vmm, self.facts = receive(
+                self.kvm, stream.Reader(inp), "incoming", str(self.uri), self.on_event,
+                lambda number: conn.sendall(stream.frame(stream.SYNCED, number)),
+                **self.overrides)
         except (KvmfilterError, OSError, ValueError) as exc:
             reason = _reason(exc)
             try:
@@ -203,6 +211,7 @@ class Incoming:
                 raise IncomingError("the source abandoned the migration")
             self.before_start(vmm)
             vmm.start(self.kvm)
+            self.on_event("RESUME", None)
             stopped = self.facts.get("source_stopped")
             if stopped:
                 self.downtime = max(0.0, time.time() - stopped)

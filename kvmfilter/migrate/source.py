@@ -3,14 +3,16 @@
     setup    connect (or create the file), send the configuration
     active   round 1: every page ever written; then KVM_GET_DIRTY_LOG rounds
              while the guest runs, until the rest fits the downtime limit (or
-             MAX_ROUNDS passed: stop anyway, and say so)
+             MAX_ROUNDS passed: stop anyway, and say so); then SYNC: wait
+             until the destination has loaded all of it
     stop     park every vCPU (the access in flight completes), check the gate
              again under the policy lock, send the last dirty pages, the vCPU
              state, the clock and kvmfilter's own state, END
     commit   (sockets) wait for the destination's READY, send COMMIT: from
              then on the guest belongs to the destination - the source is
-             `postmigrate` and never runs it again; the destination says
-             STARTED when its vCPUs run (the end of the downtime)
+             `postmigrate` and never runs it again (``downtime`` ends here,
+             as QEMU's does at the source's completion); the destination says
+             STARTED when its vCPUs run (``x-downtime-to-started``)
 
 A ``file:`` URI is a snapshot: the guest is stopped first and every written
 page goes to the file once (no pre-copy: a file gains nothing from it);
@@ -87,9 +89,11 @@ class Stats:
         self.started = time.monotonic()
         self.setup_time: Optional[float] = None
         self.total_time: Optional[float] = None
-        self.downtime: Optional[float] = None
+        self.downtime: Optional[float] = None            # stop -> COMMIT sent
+        self.downtime_to_started: Optional[float] = None  # stop -> destination running
         self.expected_downtime: Optional[float] = None
         self.stop_at: Optional[float] = None
+        self.stop_phases: dict = {}  # where the downtime went: phase -> seconds
         self.transferred = 0
         self.remaining = 0
         self.total = total
@@ -111,6 +115,8 @@ class Stats:
                                     else now - self.started) * 1000)
         if self.downtime is not None:
             info["downtime"] = round(self.downtime * 1000)
+            if self.downtime_to_started is not None:
+                info["x-downtime-to-started"] = round(self.downtime_to_started * 1000)
         elif self.expected_downtime is not None and self.status == "active":
             info["expected-downtime"] = round(self.expected_downtime)
         info["ram"] = {"transferred": self.transferred, "remaining": self.remaining,
@@ -121,6 +127,9 @@ class Stats:
         info["x-rounds"] = self.rounds
         if self.precopy:
             info["x-precopy"] = self.precopy
+        if self.stop_phases:
+            info["x-downtime-phases"] = {k: round(v * 1000, 3)
+                                         for k, v in self.stop_phases.items()}
         if self.error:
             info["error-desc"] = self.error
         return info
@@ -144,6 +153,9 @@ class Counting:
                 self.out.flush()
                 time.sleep(ahead)
 
+    def flush(self) -> None:
+        self.out.flush()
+
 
 class MigrationJob:
     """Moves (or saves) one VM; ``start()`` returns at once, the work is a thread.
@@ -152,12 +164,14 @@ class MigrationJob:
         vmm: the running (or paused) ``Vmm``.
         uri: where to: ``file:``, ``unix:`` or ``tcp:``.
         params: ``Parameters``.
-        on_event: ``on_event(name, data)`` for MIGRATION / MIGRATION_PASS (from
-            the job's thread).
+        on_event: ``on_event(name, data, at=None)`` for MIGRATION,
+            MIGRATION_PASS, and STOP / RESUME (QEMU's events when the job stops
+            the guest and a failed job resumes it), from the job's thread;
+            ``at``: the wall-clock time it happened, when not now.
     """
 
     def __init__(self, vmm, uri: Uri, params: Parameters,
-                 on_event: Callable[[str, dict], None] = lambda name, data: None):
+                 on_event: Callable[..., None] = lambda name, data, at=None: None):
         self.vmm = vmm
         self.uri = uri
         self.params = params
@@ -214,12 +228,15 @@ class MigrationJob:
             writer = stream.Writer(Counting(out, self.stats, self.params.max_bandwidth))
             writer.header()
             writer.json(stream.CONF, vm_state.config(vmm))
+            out.flush()  # the destination builds the VM while round 1 is read
             self.stats.setup_time = time.monotonic() - self.stats.started
             self._status("active")
             if self.uri.scheme != "file":
                 self._precopy(writer)
+                self._sync(writer, out)
             self._stop_and_copy(writer)
             out.flush()
+            self._phase("flush")
             if sock is None:
                 out.commit()
                 out = None
@@ -244,6 +261,7 @@ class MigrationJob:
             raise MigrationError(f"setup: cannot connect to {self.uri}: "
                                  f"{exc.strerror or exc}") from None
         self._sock = sock
+        self._inp = sock.makefile("rb", buffering=0)  # the return path: exact reads
         return sock.makefile("wb", buffering=SEND_BUFFER), sock
 
     def _precopy(self, writer: stream.Writer) -> None:
@@ -275,13 +293,37 @@ class MigrationJob:
                 self._pending = bitmap
                 return
 
+    def _sync(self, writer: stream.Writer, out) -> None:
+        """Wait until the destination has loaded everything sent so far.
+
+        On a 2-core host the destination lags the pre-copy rounds by
+        milliseconds; without this, the guest would stay stopped while the
+        destination works through that backlog.
+        """
+        writer.section(stream.SYNC, stream.u32(self.stats.rounds))
+        out.flush()
+        tag, payload = self._answer(self._inp, "pre-copy: waiting for the destination "
+                                               "to catch up")
+        if tag == stream.FAILED:
+            raise MigrationError("the destination refused the stream: " + _text(payload))
+        if tag != stream.SYNCED or payload != stream.u32(self.stats.rounds):
+            raise MigrationError(f"pre-copy: unexpected {tag!r} from the destination")
+
+    def _phase(self, name: str) -> None:
+        """Close the downtime phase ``name`` (x-downtime-phases, in ms)."""
+        now = time.monotonic()
+        self.stats.stop_phases[name] = now - self._phase_start
+        self._phase_start = now
+
     def _stop_and_copy(self, writer: stream.Writer) -> None:
         vmm, stats = self.vmm, self.stats
         self._check()
-        stats.stop_at = time.monotonic()
+        stats.stop_at = self._phase_start = time.monotonic()
         if not vmm.pause(state=RunState.FINISH_MIGRATE):
             raise MigrationError("stop: the vCPUs did not park in time; the guest runs on")
         self._paused_by_us = True
+        self.on_event("STOP", None, time.time() - (time.monotonic() - stats.stop_at))
+        self._phase("pause")
         writer.json(stream.STOP, {"time": time.time()})
         with vmm.control.lock:  # no access can change readiness while we decide
             blockers = vmm.blocked_reasons()
@@ -294,7 +336,11 @@ class MigrationJob:
         else:
             bitmap = _or(self._pending, vmm.ram.harvest())
             stats.dirty_sync_count += 1
+        self._phase("dirty-log")
         self._send_pages(writer, bitmap)
+        if self.uri.scheme != "file":
+            writer.out.flush()  # the destination loads these while we capture the state
+        self._phase("pages")
         state = vm_state.capture(vmm)
         for index, cpu in enumerate(state.vcpus):
             names = list(cpu.blobs)
@@ -305,6 +351,7 @@ class MigrationJob:
         writer.json(stream.KVMF, vm_state.kvmfilter_state(vmm))
         writer.end()
         stats.remaining = 0
+        self._phase("state")
 
     def _send_pages(self, writer: stream.Writer, bitmap: bytes) -> None:
         """Every page set in ``bitmap``: zero pages as runs, the rest with data."""
@@ -344,7 +391,7 @@ class MigrationJob:
         # After END the destination only loads the vCPU state (the RAM is in
         # already): silence beyond the stall timeout is a stall here too.
         sock.settimeout(self.params.stall_timeout / 1000)
-        inp = sock.makefile("rb", buffering=0)
+        inp = self._inp
         tag, payload = self._answer(inp, "commit: waiting for the destination to load "
                                          "the state")
         if tag == stream.FAILED:
@@ -359,13 +406,19 @@ class MigrationJob:
             raise MigrationError(f"commit: cannot send COMMIT: {exc.strerror or exc}") \
                 from None
         # The point of no return: the guest now belongs to the destination.
+        # QEMU's downtime ends at the source's completion; so does ours (and
+        # ours already includes the destination loading everything).
+        self.stats.downtime = time.monotonic() - self.stats.stop_at
+        self._phase("destination-load")
         self.moved = True
         self.vmm.set_state(RunState.POSTMIGRATE)
         try:
             tag, _ = self._answer(inp, "started")
         except MigrationError as exc:
             log.warning("migration_no_started_message", extra={"error": str(exc)})
-        self.stats.downtime = time.monotonic() - self.stats.stop_at
+        else:
+            self.stats.downtime_to_started = time.monotonic() - self.stats.stop_at
+            self._phase("destination-start")
         sock.close()
 
     def _answer(self, inp, phase: str):
@@ -398,6 +451,7 @@ class MigrationJob:
                     vmm.set_state(RunState.PAUSED)
                 else:
                     vmm.resume()
+                    self.on_event("RESUME", None)
         stats.total_time = time.monotonic() - stats.started
         log.warning("migration_failed", extra={"uri": str(self.uri), "error": reason})
         self._status("cancelled" if isinstance(exc, Cancelled) else "failed")

@@ -37,6 +37,7 @@ CLCK = b"CLCK"  # struct kvm_clock_data
 KVMF = b"KVMF"  # kvmfilter's own state (JSON): the MSR, the record, the page map ...
 PASS = b"pass"  # ancillary: a pre-copy round begins (u32 round number)
 STOP = b"stop"  # ancillary: the source stopped its vCPUs (JSON: wall-clock time)
+SYNC = b"SYNC"  # answer SYNCED (u32, echoed) once everything before it is loaded
 END = b"END "   # u32 count of the sections before it
 
 RAM_CHUNK_PAGES = 256  # 1 MiB of pages per RAM section
@@ -49,11 +50,13 @@ MAX_LENGTH = {
     KVMF: 32 << 20,
     PASS: 4,
     STOP: 256,
+    SYNC: 4,
     END: 4,
 }
 MAX_ANCILLARY = 1 << 20
 NAMES = {b"ABRT": "abort", CONF: "configuration", RAM: "RAM", ZERO: "zero pages", VCPU: "vCPU state",
-         CLCK: "clock", KVMF: "kvmfilter state", PASS: "pass", STOP: "stop", END: "end"}
+         CLCK: "clock", KVMF: "kvmfilter state", PASS: "pass", STOP: "stop", SYNC: "sync",
+         END: "end"}
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -275,16 +278,20 @@ def u32(value: int) -> bytes:
 
 
 # -- the return path (destination -> source) and the commit ------------------------------
-# After END the destination answers READY (it holds the whole state) or FAILED,
-# the source answers COMMIT (it will never run the guest again) or ABORT, and
-# the destination, once its vCPUs run, says STARTED.  Same framing as sections.
+# A SYNC section is answered with SYNCED (its number) once everything before it
+# is loaded.  After END the destination answers READY (it holds the whole
+# state) or FAILED, the source answers COMMIT (it will never run the guest
+# again) or ABORT, and the destination, once its vCPUs run, says STARTED.  Same
+# framing as sections.
 
 READY = b"RDY!"
 FAILED = b"NAK!"
 COMMIT = b"CMIT"
 ABORT = b"ABRT"
 STARTED = b"STRT"
-MESSAGES = {READY: 4096, FAILED: 4096, COMMIT: 4096, ABORT: 4096, STARTED: 4096}
+SYNCED = b"SYN!"
+MESSAGES = {READY: 4096, FAILED: 4096, COMMIT: 4096, ABORT: 4096, STARTED: 4096,
+            SYNCED: 4096}
 
 
 def frame(tag: bytes, payload: bytes = b"") -> bytes:

@@ -69,6 +69,7 @@ def test_a_running_guest_moves_and_finds_nothing_stale(kvm, short_tmp, guest, ex
             assert p.returncode == 0, p.stderr + src.log()
             info = json.loads(p.stdout)
             assert info["status"] == "completed" and info["downtime"] >= 0
+            assert info["x-downtime-to-started"] >= info["downtime"]
             assert info["ram"]["transferred"] > 0 and info["ram"]["dirty-sync-count"] >= 1
             stopped = src.query("query-migration-readiness")["return"]
             watcher.execute("query-status")
@@ -340,7 +341,9 @@ def test_defer_then_migrate_incoming(kvm, short_tmp):
 
 
 def test_qemu_qmp_drives_a_migration(kvm, short_tmp):
-    """QEMU's own client: migrate, MIGRATION events to completed, query-migrate."""
+    """QEMU's own client: migrate, MIGRATION events to completed, query-migrate; STOP
+    on the source and RESUME on the destination, as QEMU sends them, with the
+    times they happened (what the benchmark's guest-visible downtime is read from)."""
     asyncio = pytest.importorskip("asyncio")
     from qemu.qmp import QMPClient
 
@@ -348,26 +351,41 @@ def test_qemu_qmp_drives_a_migration(kvm, short_tmp):
     uri = f"unix:{short_tmp / 'mig.sock'}"
     dst = destination(short_tmp, uri, journal=False)
 
+    def when(ev):
+        return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+
     async def drive():
-        qmp = QMPClient("test")
+        qmp, other = QMPClient("test"), QMPClient("destination")
         await qmp.connect(src.socket)
-        statuses = []
-        with qmp.listener("MIGRATION") as listener:
+        await other.connect(dst.socket)
+        events = []
+        with qmp.listener(("MIGRATION", "STOP")) as listener, \
+                other.listener("RESUME") as resumed:
             await qmp.execute("migrate", {"uri": uri})
             async for ev in listener:
-                statuses.append(ev["data"]["status"])
-                if ev["data"]["status"] in ("completed", "failed"):
+                events.append(ev)
+                if ev["event"] == "MIGRATION" and ev["data"]["status"] in ("completed",
+                                                                            "failed"):
                     break
+            resume = await asyncio.wait_for(resumed.get(), 10)
         info = await qmp.execute("query-migrate")
         params = await qmp.execute("query-migrate-parameters")
         await qmp.disconnect()
-        return statuses, info, params
+        await other.disconnect()
+        return events, resume, info, params
 
     try:
         time.sleep(0.3)
-        statuses, info, params = asyncio.run(asyncio.wait_for(drive(), 60))
+        events, resume, info, params = asyncio.run(asyncio.wait_for(drive(), 60))
+        statuses = [ev["data"]["status"] for ev in events if ev["event"] == "MIGRATION"]
         assert statuses[-1] == "completed" and "active" in statuses
         assert info["status"] == "completed" and params["downtime-limit"] == 300
+        stops = [ev for ev in events if ev["event"] == "STOP"]
+        assert len(stops) == 1
+        # The guest was stopped from STOP to RESUME, at least as long as the
+        # downtime the source reports (its clock ends before the destination runs).
+        paused_ms = (when(resume) - when(stops[0])) * 1000
+        assert paused_ms >= info["downtime"] - 1, (paused_ms, info)
         assert final_check(dst) == OK
     finally:
         src.kill()

@@ -22,6 +22,7 @@ def sample() -> bytes:
     w.section(stream.RAM, stream.ram_payload(0x7000, b"\x42" * 4096))
     w.section(stream.ZERO, stream.zero_payload([(0x9000, 2)]))
     w.section(stream.PASS, stream.u32(1))
+    w.section(stream.SYNC, stream.u32(1))
     w.json(stream.KVMF, {"control": {}})
     w.end()
     return out.getvalue()
@@ -34,7 +35,8 @@ def read_all(data: bytes):
 def test_round_trip():
     sections = read_all(sample())
     assert [tag for tag, _ in sections] == [stream.CONF, stream.RAM, stream.ZERO,
-                                            stream.PASS, stream.KVMF]
+                                            stream.PASS, stream.SYNC, stream.KVMF]
+    assert stream.critical(stream.SYNC)  # a source waits for the answer: never skipped
     gpa, data = stream.parse_ram(sections[1][1], 1 << 20)
     assert gpa == 0x7000 and bytes(data) == b"\x42" * 4096
     assert stream.parse_zero(sections[2][1], 1 << 20) == [(0x9000, 2)]
@@ -121,8 +123,10 @@ def test_ram_payload_must_be_whole_pages_inside_memory():
 
 
 def test_return_path_frames():
-    data = stream.frame(stream.READY) + stream.frame(stream.FAILED, b'{"error": "x"}')
+    data = (stream.frame(stream.SYNCED, stream.u32(3)) + stream.frame(stream.READY)
+            + stream.frame(stream.FAILED, b'{"error": "x"}'))
     f = io.BytesIO(data)
+    assert stream.read_frame(f) == (stream.SYNCED, stream.u32(3))
     assert stream.read_frame(f) == (stream.READY, b"")
     assert stream.read_frame(f) == (stream.FAILED, b'{"error": "x"}')
     with pytest.raises(EOFError):
