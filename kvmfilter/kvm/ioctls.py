@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import threading
 from collections import namedtuple
 from typing import TYPE_CHECKING
 
@@ -189,6 +190,8 @@ class Vm(_Fd):
     def __init__(self, kvm: Kvm, fd: int):
         self.kvm = kvm
         self.fd = fd
+        self._dirty_buffers: dict = {}
+        self._dirty_lock = threading.Lock()
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM's type)."""
@@ -224,12 +227,17 @@ class Vm(_Fd):
         also clears the log and write-protects those pages again.
         """
         nbytes = (npages + 63) // 64 * 8
-        bitmap = ffi.new("char[]", nbytes)
-        log = ffi.new("struct kvm_dirty_log *")
-        log.slot = slot
-        log.dirty_bitmap = bitmap
-        _check(lib.kvmf_ioctl(self.fd, lib.KVM_GET_DIRTY_LOG, log), "KVM_GET_DIRTY_LOG")
-        return ffi.buffer(bitmap, nbytes)[:]
+        with self._dirty_lock:
+            # One buffer per slot, reused: a 64 GiB slot's 2 MiB bitmap, freshly
+            # allocated and zeroed each time, costs more than the ioctl.
+            bitmap = self._dirty_buffers.get(slot)
+            if bitmap is None or len(bitmap) != nbytes:
+                bitmap = self._dirty_buffers[slot] = ffi.new("char[]", nbytes)
+            log = ffi.new("struct kvm_dirty_log *")
+            log.slot = slot
+            log.dirty_bitmap = bitmap
+            _check(lib.kvmf_ioctl(self.fd, lib.KVM_GET_DIRTY_LOG, log), "KVM_GET_DIRTY_LOG")
+            return ffi.buffer(bitmap, nbytes)[:]
 
     def get_clock(self) -> bytes:
         """KVM_GET_CLOCK: ``struct kvm_clock_data`` (kvmclock's view of time)."""

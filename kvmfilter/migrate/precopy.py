@@ -1,52 +1,19 @@
 """Pure pre-copy arithmetic: dirty bitmaps to page runs, and when to stop copying.
 
-A bitmap is KVM's layout (bit i of little-endian 64-bit words = page i).  The
-work is proportional to the non-zero bytes of the bitmap, found by a regular
-expression in C, not to the guest's memory size.
+A bitmap is KVM's layout (bit i of little-endian 64-bit words = page i);
+``runs`` and ``count`` (from ``kvm.bitmap``) cost what is set, not the
+guest's memory size.
 """
 from __future__ import annotations
 
-import re
 from collections import namedtuple
 from typing import Iterator
 
 from ..base import StrEnum
-
-_NONZERO = re.compile(rb"[^\x00]+")
-_SPAN = 64  # bitmap bytes turned into one int at a time (bit operations stay cheap)
+from ..kvm.bitmap import count, runs  # noqa: F401 - the pre-copy vocabulary
 
 DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's and Cloud Hypervisor's default
 MAX_ROUNDS = 30  # after this many passes, stop and copy whatever is left
-
-
-def runs(bitmap: bytes) -> Iterator[tuple[int, int]]:
-    """(first page, number of pages) for every run of set bits, in order."""
-    pending_start = pending_len = 0
-    for m in _NONZERO.finditer(bitmap):
-        for offset in range(m.start(), m.end(), _SPAN):
-            chunk = bitmap[offset:min(offset + _SPAN, m.end())]
-            bits = int.from_bytes(chunk, "little")
-            base = offset * 8
-            while bits:
-                low = (bits & -bits).bit_length() - 1  # first set bit
-                bits >>= low
-                ones = (~bits & (bits + 1)).bit_length() - 1  # how many set bits follow
-                start = base + low
-                if pending_len and pending_start + pending_len == start:
-                    pending_len += ones  # a run that continues across spans
-                else:
-                    if pending_len:
-                        yield pending_start, pending_len
-                    pending_start, pending_len = start, ones
-                bits >>= ones
-                base = start + ones
-    if pending_len:
-        yield pending_start, pending_len
-
-
-def count(bitmap: bytes) -> int:
-    """Set bits (dirty pages) in ``bitmap``."""
-    return int.from_bytes(bitmap, "little").bit_count()
 
 
 def chunked(page_runs, max_pages: int) -> Iterator[tuple[int, int]]:

@@ -33,6 +33,7 @@ import time
 from typing import Callable, Optional
 
 from ..base import KvmfilterError
+from ..kvm.bitmap import union
 from ..vm import state as vm_state
 from ..vm.machine import RunState
 from . import precopy, stream
@@ -334,7 +335,7 @@ class MigrationJob:
         if self.uri.scheme == "file":
             bitmap = vmm.ram.written()
         else:
-            bitmap = _or(self._pending, vmm.ram.harvest())
+            bitmap = union(self._pending, vmm.ram.harvest())
             stats.dirty_sync_count += 1
         self._phase("dirty-log")
         self._send_pages(writer, bitmap)
@@ -465,11 +466,6 @@ class MigrationJob:
             except OSError:
                 pass
             sock.close()
-
-
-def _or(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(
-        max(len(a), len(b)), "little")
 
 
 def _text(payload: bytes) -> str:

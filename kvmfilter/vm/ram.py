@@ -14,17 +14,11 @@ harvested never, so it pays once per page, as demand paging does anyway.
 """
 from __future__ import annotations
 
-import threading
-
 from ..kvm import abi
+from ..kvm.bitmap import PageBitmap
 from ..kvm.memory import PAGE_SIZE, GuestMemory
 
 SLOT = 0
-
-
-def bitmap_size(npages: int) -> int:
-    """Bytes of a page bitmap in KVM's layout (64-bit words, bit i = page i)."""
-    return (npages + 63) // 64 * 8
 
 
 class GuestRam:
@@ -43,8 +37,7 @@ class GuestRam:
         except BaseException:
             self.memory.close()
             raise
-        self._written = 0  # the bitmap as an int: bit i = page i ever written
-        self._lock = threading.Lock()
+        self._written = PageBitmap(self.npages)  # pages ever written
 
     def write(self, offset: int, data: bytes) -> None:
         """Write guest memory from the VMM (not logged by KVM: marked here)."""
@@ -54,38 +47,25 @@ class GuestRam:
     def zero(self, offset: int, length: int) -> None:
         """Make whole pages zero.  Pages never written are zero already: they
         are left alone, so a large zero range costs nothing."""
-        first, n = offset // PAGE_SIZE, length // PAGE_SIZE
-        with self._lock:
-            written = (self._written >> first) & ((1 << n) - 1)
-        page = 0
-        while written:
-            skip = (written & -written).bit_length() - 1
-            written >>= skip
-            page += skip
-            self.memory.write((first + page) * PAGE_SIZE, bytes(PAGE_SIZE))
-            written >>= 1
-            page += 1
+        for page in self._written.pages_in(offset // PAGE_SIZE, length // PAGE_SIZE):
+            self.memory.write(page * PAGE_SIZE, bytes(PAGE_SIZE))
 
     def mark(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
-        with self._lock:
-            self._written |= ((1 << (last - first + 1)) - 1) << first
+        if length > 0:
+            first = offset // PAGE_SIZE
+            self._written.add_range(first, (offset + length - 1) // PAGE_SIZE - first + 1)
 
     def harvest(self) -> bytes:
         """The pages the guest wrote since the last harvest (KVM's bitmap), and
         remember them as written.  KVM clears its log and write-protects them."""
         dirty = self.vm.get_dirty_log(SLOT, self.npages)
-        with self._lock:
-            self._written |= int.from_bytes(dirty, "little")
+        self._written.add_bitmap(dirty)
         return dirty
 
     def written(self) -> bytes:
         """Every page ever written, as a bitmap (harvests first)."""
         self.harvest()
-        with self._lock:
-            return self._written.to_bytes(bitmap_size(self.npages), "little")
+        return self._written.to_bytes()
 
     def read(self, offset: int, length: int) -> bytes:
         return self.memory.read(offset, length)
