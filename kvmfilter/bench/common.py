@@ -1,0 +1,90 @@
+"""What every benchmark case shares: summaries, interleaving, and how busy the
+host was while it ran.
+
+These hosts drift 10-15% between runs and have 2 cores, so cases are compared
+only inside one run, interleaved over rounds, and cases record the CPU time
+they got per second of wall time: a target whose case could not get the cores
+it needs is marked unreliable, not passed or failed.  The run also records the
+load averages before and after.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+
+
+def summarize(samples: list[float], unit: str) -> dict:
+    return {f"median_{unit}": statistics.median(samples), "min": min(samples),
+            "max": max(samples), "samples": len(samples)}
+
+
+def interleave(cases: dict, rounds: int) -> dict:
+    """Run every case once per round, in turn; {name: [samples]}."""
+    samples: dict = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, case in cases.items():
+            samples[name].append(case())
+    return samples
+
+
+def host_info(kvm) -> dict:
+    from ..vm.probe import _backend
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "backend": _backend(),
+            "python": platform.python_version(), "api_version": kvm.get_api_version()}
+
+
+def cpu_seconds() -> float:
+    """CPU time this process and its waited-for children have had."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(case):
+    """Wrap ``case()`` to also record the CPU share it got: (result, cpu_s / wall_s)."""
+    def run():
+        cpu, wall = cpu_seconds(), time.monotonic()
+        result = case()
+        return result, (cpu_seconds() - cpu) / max(time.monotonic() - wall, 1e-9)
+    return run
+
+
+def host_load() -> dict:
+    """The load averages and CPU count, recorded with every run."""
+    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
+
+
+def unreliable(cpu_share: float, cores_needed: float, slack: float = 0.15) -> str | None:
+    """Why a result cannot be judged, or None: the case could not get the cores
+    it needs (another process took them), so its numbers measure the neighbours.
+
+    ``cpu_share``: the median CPU time the case got per second of wall time.
+    """
+    if cpu_share < cores_needed * (1 - slack):
+        return (f"the case got {cpu_share:.2f} CPUs of the {cores_needed} it needs "
+                f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
+    return None
+
+
+def _event_time(ev: dict) -> float:
+    return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+
+
+def stop_to_resume_ms(source, dest, timeout: float = 5.0) -> float:
+    """How long the guest was stopped, the same way for both VMMs: from the
+    source's STOP event to the destination's RESUME event (QMP timestamps,
+    one host clock).  ``source``, ``dest``: connected ``QmpClient``s, the
+    source's connected before ``migrate``."""
+    def find(client, name):
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in client.events:
+                if ev.get("event") == name:
+                    return _event_time(ev)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {name} event within {timeout:g} s")
+            client.execute("query-status")  # collects the events sent meanwhile
+    return (find(dest, "RESUME") - find(source, "STOP")) * 1000

@@ -1,0 +1,275 @@
+"""Moving a guest: live migration side by side with QEMU, memory-size scaling,
+and snapshots.
+
+Both VMMs run the same boot sector (``dirty_pages``: it dirties 128 pages in a
+loop) and are driven the same way: ``kvmfilter serve`` and
+``qemu-system-x86_64`` each as their own process, told over QMP to
+``migrate`` to a fresh destination listening on a ``unix:`` socket, polled
+with ``query-migrate``.  Rounds are chained - each destination is the next
+round's source - and the two VMMs take turns, so both see the same host.
+The numbers are what each VMM reports in ``query-migrate``: ``total-time``
+and ``downtime`` (QEMU's definition: from stopping the guest to the source's
+completion).  kvmfilter's source completes only after the destination has
+loaded everything and said READY, so its downtime includes the destination's
+load; QEMU's does not.  ``x-downtime-to-started`` adds the destination's
+start (kvmfilter only).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from ..daemon.client import QmpClient, QmpClientError
+from ..migrate.destination import restore_file
+from ..migrate.source import MigrationJob, Parameters
+from ..migrate.transport import parse_uri
+from ..vm.image import bundled_guest
+from ..vm.vmm import RunOptions, Vmm
+from . import qemu
+from .common import stop_to_resume_ms, summarize
+
+MIB, GIB = 1 << 20, 1 << 30
+DOWNTIME_LIMIT_MS = 300  # QEMU's default, given to both
+POLL_S = 0.005
+
+
+def _serve_cmd() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "kvmfilter")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "kvmfilter"]
+
+
+class KvmfilterGuest:
+    """One ``kvmfilter serve`` process: the dirty_pages guest, or an incoming one."""
+
+    def __init__(self, workdir: str, memory: int, incoming: bool = False):
+        self.memory = memory
+        self.dir = tempfile.mkdtemp(prefix="kvmf-", dir=workdir)
+        self.socket = os.path.join(self.dir, "qmp.sock")
+        self.incoming_path = os.path.join(self.dir, "in.sock")
+        self.log = open(os.path.join(self.dir, "serve.log"), "w+")
+        what = (["--incoming", f"unix:{self.incoming_path}"] if incoming else
+                ["bundled:dirty_pages", "--memory", str(memory), "--plain-memory"])
+        self.proc = subprocess.Popen(_serve_cmd() + ["--log-level", "warning", "serve", *what,
+                                                     "--socket", self.socket],
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        self.qmp = None
+        deadline = time.monotonic() + 30
+        while self.qmp is None:
+            if self.proc.poll() is not None:
+                raise self._fail(f"exited with status {self.proc.returncode}")
+            try:
+                self.qmp = QmpClient(self.socket, timeout=30)
+            except (OSError, QmpClientError):
+                if time.monotonic() > deadline:
+                    raise self._fail("did not answer QMP within 30 s") from None
+                time.sleep(0.02)
+
+    def _fail(self, why: str) -> RuntimeError:
+        self.log.seek(0)
+        tail = self.log.read()[-2000:].strip()
+        return RuntimeError(f"kvmfilter serve {why}" + (f":\n{tail}" if tail else ""))
+
+    def execute(self, command: str, arguments: dict | None = None):
+        reply = self.qmp.execute(command, arguments)
+        if "error" in reply:
+            raise self._fail(f"{command}: {reply['error'].get('desc')}")
+        return reply["return"]
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until the guest has written READY (it does so first thing)."""
+        deadline = time.monotonic() + timeout
+        while not self.execute("query-migration-readiness")["ready"]:
+            if time.monotonic() > deadline:
+                raise self._fail(f"guest not READY within {timeout:g} s")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        if self.qmp is not None:
+            try:
+                self.qmp.execute("quit")
+            except (OSError, QmpClientError, EOFError):
+                pass  # already gone: the wait below covers it
+            self.qmp.close()
+            self.qmp = None
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def kvmfilter_migrate(source: KvmfilterGuest, workdir: str, timeout: float = 120) -> dict:
+    """Live-migrate ``source`` to a new ``kvmfilter serve --incoming``; quit the
+    source; the numbers and the running destination."""
+    dest = KvmfilterGuest(workdir, source.memory, incoming=True)
+    try:
+        source.execute("migrate-set-parameters", {"downtime-limit": DOWNTIME_LIMIT_MS})
+        source.qmp.events.clear()
+        source.execute("migrate", {"uri": f"unix:{dest.incoming_path}"})
+        deadline = time.monotonic() + timeout
+        while (info := source.execute("query-migrate"))["status"] not in (
+                "completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                source.qmp.execute("migrate_cancel")
+                raise RuntimeError(f"kvmfilter migration still {info['status']} "
+                                   f"after {timeout:g} s")
+            time.sleep(POLL_S)
+        if info["status"] != "completed":
+            raise RuntimeError(f"kvmfilter migration {info['status']}: "
+                               f"{info.get('error-desc')}")
+        end = time.monotonic() + 10
+        while (state := dest.execute("query-status")["status"]) != "running":
+            if time.monotonic() > end:
+                raise RuntimeError(f"kvmfilter destination is {state!r} after migration")
+            time.sleep(POLL_S)
+        paused = stop_to_resume_ms(source.qmp, dest.qmp)
+    except BaseException:
+        dest.close()
+        raise
+    source.close()
+    return {"total_ms": info["total-time"], "downtime_ms": info["downtime"],
+            "paused_ms": paused,
+            "downtime_to_started_ms": info.get("x-downtime-to-started"),
+            "setup_ms": info["setup-time"], "transferred_bytes": info["ram"]["transferred"],
+            "downtime_phases_ms": info.get("x-downtime-phases"), "destination": dest}
+
+
+def _booted(vmm_kind: str, memory: int, workdir: str):
+    if vmm_kind == "kvmfilter":
+        guest = KvmfilterGuest(workdir, memory)
+        try:
+            guest.wait_ready()
+        except BaseException:
+            guest.close()
+            raise
+        return guest
+    return qemu.QemuGuest(memory, workdir).start()
+
+
+def _chain(vmm_kind: str, memory: int, rounds: int, workdir: str):
+    """A generator of ``rounds`` migrations of one guest, each destination the
+    next source; the last guest is closed when it ends (or is closed)."""
+    migrate = kvmfilter_migrate if vmm_kind == "kvmfilter" else qemu.migrate
+    guest = _booted(vmm_kind, memory, workdir)
+    try:
+        for _ in range(rounds):
+            # The other VMM's guest is stopped meanwhile: on a 2-core host its
+            # spinning vCPU would take the core the migration needs.
+            _qmp(guest, "cont")
+            time.sleep(0.05)  # let the guest dirty its pages again
+            result = migrate(guest, workdir)
+            guest = result.pop("destination")
+            _qmp(guest, "stop")
+            yield result
+    finally:
+        guest.close()
+
+
+def _qmp(guest, command: str) -> None:
+    reply = guest.qmp.execute(command)
+    if "error" in reply:
+        raise RuntimeError(f"{command}: {reply['error'].get('desc')}")
+
+
+def _summary(results: list[dict]) -> dict:
+    out = {}
+    for key in ("downtime_ms", "total_ms", "paused_ms", "downtime_to_started_ms",
+                "transferred_bytes"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        if values:
+            out[key] = summarize(values, key.rsplit("_", 1)[1])
+    return out
+
+
+def side_by_side(sizes: list[int], rounds: int, workdir: str) -> dict:
+    """kvmfilter and QEMU, chained migrations interleaved round by round."""
+    qemu_missing = qemu.qemu_binary() is None
+    out: dict = {}
+    for memory in sizes:
+        chains = {"kvmfilter": _chain("kvmfilter", memory, rounds, workdir)}
+        if not qemu_missing:
+            chains["qemu"] = _chain("qemu", memory, rounds, workdir)
+        results: dict = {name: [] for name in chains}
+        try:
+            for _ in range(rounds):
+                for name, chain in chains.items():
+                    results[name].append(next(chain))
+        finally:
+            for chain in chains.values():
+                chain.close()
+        case = {name: _summary(r) for name, r in results.items()}
+        if qemu_missing:
+            case["qemu"] = {"missing": qemu.MISSING_HINT}
+        else:
+            for key, ratio in (("downtime_ms", "ratio_downtime"), ("total_ms", "ratio_total"),
+                               ("paused_ms", "ratio_paused")):
+                # Both report whole milliseconds: 0 ms counts as 1.
+                case[ratio] = (max(case["kvmfilter"][key]["median_ms"], 1)
+                               / max(case["qemu"][key]["median_ms"], 1))
+        out[_label(memory)] = case
+    return out
+
+
+def scaling(sizes: list[int], rounds: int, workdir: str) -> dict:
+    """kvmfilter alone: total time and bytes for guests that touched the same
+    few MiB, whatever their size."""
+    out = {}
+    for memory in sizes:
+        chain = _chain("kvmfilter", memory, rounds, workdir)
+        try:
+            out[_label(memory)] = _summary(list(chain))
+        finally:
+            chain.close()
+    return out
+
+
+def snapshot(kvm, sizes: list[int], rounds: int, workdir: str) -> dict:
+    """Save (``migrate file:``, the daemon's own job) and restore, in-process:
+    time and file size for the dirty_pages guest of each size."""
+    out = {}
+    for memory in sizes:
+        saves, restores, size = [], [], 0
+        for _ in range(rounds):
+            path = os.path.join(workdir, f"snap-{memory}.kvmf")
+            with Vmm(None, RunOptions(memory=memory, plain_memory=True, timeout=None),
+                     image=bundled_guest("dirty_pages"), label="<bench>") as vmm:
+                vmm.start(kvm)
+                _wait(lambda: vmm.control.sync() or vmm.control.ready, "READY")
+                time.sleep(0.05)
+                job = MigrationJob(vmm, parse_uri(f"file:{path}"), Parameters())
+                job.start()
+                job.done.wait(120)
+                if job.stats.status != "completed":
+                    raise RuntimeError(f"snapshot {job.stats.status}: {job.stats.error}")
+                saves.append(job.stats.total_time * 1000)
+                vmm.stop()
+            size = os.path.getsize(path)
+            started = time.monotonic()
+            restored, _ = restore_file(kvm, path)
+            with restored:
+                restored.start(kvm)
+                restores.append((time.monotonic() - started) * 1000)
+                restored.stop()
+            os.unlink(path)
+        out[_label(memory)] = {"save_ms": summarize(saves, "ms"),
+                               "restore_ms": summarize(restores, "ms"), "file_bytes": size}
+    return out
+
+
+def _wait(check, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not reached in {timeout:g} s")
+        time.sleep(0.005)
+
+
+def _label(memory: int) -> str:
+    return f"{memory // GIB}G" if memory >= GIB else f"{memory // MIB}M"
+

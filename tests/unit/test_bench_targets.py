@@ -1,0 +1,59 @@
+"""How `kvmfilter bench` judges its targets (pure logic, no KVM)."""
+from kvmfilter import bench
+
+
+def ms(median):
+    return {"median_ms": median, "min": median, "max": median, "samples": 1}
+
+
+def report(**over):
+    r = {
+        "wrmsr": {"ratio_vs_c": 1.2},
+        "wrmsr_transition": {"ratio_vs_c": 1.4, "kvmfilter": {"cpu_share": 1.0}},
+        "startup": {"kvmfilter_run": {"median_s": 0.1}},
+        "vcpu_scaling": {"speedup_2_vs_1": 1.7, "2_vcpus": {"cpu_share": 1.95}},
+        "page_map": {"median_s": 3.0},
+        "migration": {"8G": {"kvmfilter": {"paused_ms": ms(4), "total_ms": ms(100)},
+                             "qemu": {"paused_ms": ms(5), "total_ms": ms(600)},
+                             "ratio_paused": 0.8, "ratio_total": 1 / 6}},
+        "migration_scaling": {"64G": {"total_ms": ms(400)}},
+        "snapshot": {"64G": {"save_ms": ms(700), "restore_ms": ms(400)}},
+    }
+    r.update(over)
+    return r
+
+
+def statuses(r):
+    return {t["name"]: t["status"] for t in bench.targets(r)}
+
+
+def test_each_target_is_judged():
+    s = statuses(report())
+    assert s["wrmsr, same value: ratio kvmfilter / C loop"] == "MISS"  # 1.2 > 1.15
+    assert s["wrmsr, value changing, no journal: ratio kvmfilter / C loop"] == "PASS"
+    assert s["kvmfilter run, process start to exit (s)"] == "PASS"
+    assert s["2 vCPUs / 1 vCPU exits per second"] == "PASS"
+    assert s["page map: 10^6 updates over 1 TiB (s)"] == "MISS"
+    assert s["migration 8G: guest stopped (STOP to RESUME), kvmfilter / QEMU"] == "PASS"
+    assert s["migration 8G: total time, kvmfilter / QEMU"] == "PASS"
+    assert s["migration 8G: total time, QEMU / kvmfilter"] == "PASS"  # 6 >= 5
+    assert s["migration 64G (a few MiB touched): total (s)"] == "PASS"
+    assert s["snapshot 64G (a few MiB touched): save + restore (s)"] == "MISS"  # 1.1 s
+
+
+def test_a_busy_host_makes_a_result_unreliable_not_failed():
+    r = report(vcpu_scaling={"speedup_2_vs_1": 1.1, "2_vcpus": {"cpu_share": 1.2}})
+    [t] = [t for t in bench.targets(r) if t["name"].startswith("2 vCPUs")]
+    assert t["status"] == "UNRELIABLE" and t["pass"] and "1.20 CPUs of the 2.0" in t["reason"]
+
+
+def test_missing_qemu_is_not_applicable():
+    r = report(migration={"1M": {"kvmfilter": {}, "qemu": {"missing": "install it"}}})
+    verdicts = [t for t in bench.targets(r) if t["name"].startswith("migration 1M")]
+    assert verdicts and all(t["status"] == "N/A" and t["pass"] for t in verdicts)
+    assert all(t["reason"] == "install it" for t in verdicts)
+
+
+def test_only_the_cases_that_ran_are_judged():
+    assert bench.targets({"page_map": {"median_s": 1.0}})[0]["status"] == "PASS"
+    assert len(bench.targets({"page_map": {"median_s": 1.0}})) == 1
