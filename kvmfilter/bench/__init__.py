@@ -11,9 +11,9 @@ and max.  The groups (``--only``) and their modules:
 - ``migration``: live migration beside QEMU, memory-size scaling;
   ``snapshot``: save and restore (``migration.py``).
 
-A target is PASS or MISS, or UNRELIABLE when the host was too busy to judge it
-(the case did not get the CPUs it needs), or N/A when its comparator is
-missing; only a MISS makes ``kvmfilter bench`` exit 1.
+A target is PASS or MISS; a missed one is UNRELIABLE instead when the host was
+too busy to judge it (the case did not get the CPUs it needs); N/A when its
+comparator is missing.  Only a MISS makes ``kvmfilter bench`` exit 1.
 """
 from __future__ import annotations
 
@@ -79,13 +79,13 @@ def _workdir() -> str:
 
 
 def _target(name, value, target, better, why_unreliable=None, missing=None) -> dict:
+    ok = None if missing else (value <= target if better == "lower" else value >= target)
     if missing:
         status, value = "N/A", None
-    elif why_unreliable:
-        status = "UNRELIABLE"
+    elif ok:
+        status, why_unreliable = "PASS", None  # a busy host cannot make a result better
     else:
-        ok = value <= target if better == "lower" else value >= target
-        status = "PASS" if ok else "MISS"
+        status = "UNRELIABLE" if why_unreliable else "MISS"
     out = {"name": name, "value": value, "target": target, "better": better,
            "status": status, "pass": status != "MISS"}
     if missing or why_unreliable:
