@@ -35,10 +35,9 @@ class Migrations:
         self.incoming_status: dict = {}
         self.incoming_error: Optional[str] = None
 
-    def post_event(self, name: str, data: Optional[dict], at: Optional[float] = None) -> None:
-        """From any thread; ``at``: when it happened (wall clock), if not now."""
-        self._loop.call_soon_threadsafe(self._broadcast_event, name, data,
-                                        time.time() if at is None else at)
+    def post_event(self, name: str, data: Optional[dict]) -> None:
+        """From any thread; stamped now, not when the loop gets to it."""
+        self._loop.call_soon_threadsafe(self._broadcast_event, name, data, time.time())
 
     # -- outgoing --------------------------------------------------------------------
 
@@ -109,11 +108,10 @@ class Migrations:
 
         threading.Thread(target=main, name="incoming", daemon=True).start()
 
-    def on_incoming_event(self, name: str, data: Optional[dict],
-                          at: Optional[float] = None) -> None:
+    def on_incoming_event(self, name: str, data: Optional[dict]) -> None:
         if name == "MIGRATION":
             self.incoming_status = {**self.incoming_status, "status": data["status"]}
-        self.post_event(name, data, at)
+        self.post_event(name, data)
 
     def abandon_incoming(self) -> None:
         if self.incoming is not None:

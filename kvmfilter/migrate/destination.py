@@ -38,7 +38,7 @@ class IncomingError(KvmfilterError):
 
 
 def receive(kvm, reader: stream.Reader, origin: str, source: str,
-            on_event: Callable[..., None] = lambda name, data, at=None: None,
+            on_event: Callable[[str, Optional[dict]], None] = lambda name, data: None,
             on_sync: Callable[[bytes], None] = lambda number: None, **overrides):
     """Read a whole stream; the built ``Vmm`` (not started) and facts about it.
 
@@ -145,7 +145,7 @@ class Incoming:
     """
 
     def __init__(self, kvm, uri: Uri,
-                 on_event: Callable[..., None] = lambda name, data, at=None: None,
+                 on_event: Callable[[str, Optional[dict]], None] = lambda name, data: None,
                  **overrides):
         self.kvm = kvm
         self.uri = uri

@@ -165,14 +165,13 @@ class MigrationJob:
         vmm: the running (or paused) ``Vmm``.
         uri: where to: ``file:``, ``unix:`` or ``tcp:``.
         params: ``Parameters``.
-        on_event: ``on_event(name, data, at=None)`` for MIGRATION,
-            MIGRATION_PASS, and STOP / RESUME (QEMU's events when the job stops
-            the guest and a failed job resumes it), from the job's thread;
-            ``at``: the wall-clock time it happened, when not now.
+        on_event: ``on_event(name, data)`` for MIGRATION, MIGRATION_PASS, and
+            STOP / RESUME (QEMU's events when the job stops the guest and a
+            failed job resumes it), from the job's thread.
     """
 
     def __init__(self, vmm, uri: Uri, params: Parameters,
-                 on_event: Callable[..., None] = lambda name, data, at=None: None):
+                 on_event: Callable[[str, Optional[dict]], None] = lambda name, data: None):
         self.vmm = vmm
         self.uri = uri
         self.params = params
@@ -323,7 +322,7 @@ class MigrationJob:
         if not vmm.pause(state=RunState.FINISH_MIGRATE):
             raise MigrationError("stop: the vCPUs did not park in time; the guest runs on")
         self._paused_by_us = True
-        self.on_event("STOP", None, time.time() - (time.monotonic() - stats.stop_at))
+        self.on_event("STOP", None)  # as QEMU: once every vCPU is paused
         self._phase("pause")
         writer.json(stream.STOP, {"time": time.time()})
         with vmm.control.lock:  # no access can change readiness while we decide
