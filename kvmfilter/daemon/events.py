@@ -21,6 +21,7 @@ import time
 from typing import Callable, Optional
 
 from ..policy.readiness import rfc3339
+from .loop import call_from_thread
 from .qmp import event
 
 INTERVAL = 1.0  # seconds, QEMU's rate for guest-triggered events
@@ -51,7 +52,7 @@ class ReadinessEvents:
             wake = self._latest is None
             self._latest = msg
         if wake:
-            self._loop.call_soon_threadsafe(self._arrived)
+            call_from_thread(self._loop, self._arrived)
 
     def _arrived(self) -> None:
         self._changed()

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from ..migrate.destination import Incoming
 from ..migrate.source import MigrationJob, Parameters
 from ..migrate.transport import parse_uri
+from .loop import call_from_thread
 from .qmp import QmpError
 
 log = logging.getLogger("kvmfilter.daemon")
@@ -37,7 +38,7 @@ class Migrations:
 
     def post_event(self, name: str, data: Optional[dict]) -> None:
         """From any thread; stamped now, not when the loop gets to it."""
-        self._loop.call_soon_threadsafe(self._broadcast_event, name, data, time.time())
+        call_from_thread(self._loop, self._broadcast_event, name, data, time.time())
 
     # -- outgoing --------------------------------------------------------------------
 
@@ -99,12 +100,15 @@ class Migrations:
             except Exception as exc:  # every failure ends the daemon, with the reason
                 self.incoming_error = str(exc) or type(exc).__name__
                 self.incoming_status = {"status": "failed", "error-desc": self.incoming_error}
-                self._loop.call_soon_threadsafe(failed, self.incoming_error)
+                call_from_thread(self._loop, failed, self.incoming_error)
                 return
             self.incoming_status = {"status": "completed"}
             if incoming.downtime is not None:
                 self.incoming_status["downtime"] = round(incoming.downtime * 1000)
-            self._loop.call_soon_threadsafe(adopt, vmm)
+            if not call_from_thread(self._loop, adopt, vmm):
+                vmm.stop("quit", "the daemon shut down while the VM arrived")
+                vmm.wait()
+                vmm.close()
 
         threading.Thread(target=main, name="incoming", daemon=True).start()
 

@@ -30,6 +30,7 @@ from ..migrate.transport import bind_unix, unlink_quietly
 from ..vm.machine import RunState, StateError
 from .commands import COMMANDS, check_arguments
 from .events import ReadinessEvents
+from .loop import call_from_thread
 from .metrics import metrics_text, write_atomically
 from .migration import Migrations
 from .notify import Notifier, watchdog_interval
@@ -327,7 +328,7 @@ class Server:
 
     def _watch_guest(self) -> None:
         self.vmm.wait()
-        self._loop.call_soon_threadsafe(self._guest_stopped)
+        call_from_thread(self._loop, self._guest_stopped)  # closed: shutdown announced it
 
     def _guest_stopped(self) -> None:
         stop = self.vmm.stop_record
@@ -424,7 +425,7 @@ class Server:
     def _wire(self, vmm) -> None:
         """Before a VM's vCPUs start: hear its transitions (after the journal)."""
         self.events = ReadinessEvents(self._loop, vmm, self.broadcast, self.mark_dirty)
-        vmm.control.add_listener(self.events.on_transition)
+        vmm.control.add_listener(self.events.on_transition, latest_only=True)
 
     def _adopt(self, vmm, start: bool = False) -> None:
         """The VM is here (built at start-up, or by an incoming migration)."""

@@ -112,6 +112,7 @@ class MigrationControl:
         self._syncing = False
         self._recorders: list = []  # callables taking a Transition, before the change
         self._listeners: list = []  # callables taking a Transition, after it
+        self._latest_listeners: list = []  # the same, content with the newest of a batch
         self._count_sources: list[CountSource] = []
         self._since = clock()  # when the value last changed (or the VM was created)
         self.accesses: list[dict] = []
@@ -188,6 +189,8 @@ class MigrationControl:
                      extra={"vcpu": t.vcpu, "from": t.old, "to": t.new, "ready": bool(t.new)})
         for listener in self._listeners:
             listener(t)
+        for listener in self._latest_listeners:
+            listener(t)
 
     # -- a value a fast path keeps -------------------------------------------------
 
@@ -219,12 +222,14 @@ class MigrationControl:
                 for change in changes:
                     self._transition(Transition(*change))
                 return
-            # Nobody listens: only the totals, the latest value and the last
-            # HISTORY_LIMIT changes matter (a flood folds in one step).
+            # Nobody needs each change: only the totals, the latest value and
+            # the last HISTORY_LIMIT changes matter (a flood folds in one step).
             self._history.extend(Transition(*c) for c in changes[-HISTORY_LIMIT:])
             self._transitions_total += len(changes)
             self._value = changes[-1][2]
             self._since = changes[-1][3]
+            for listener in self._latest_listeners:
+                listener(self._history[-1])
         finally:
             self._syncing = False
 
@@ -291,13 +296,21 @@ class MigrationControl:
         lock; if it raises, the change does not happen (a journal's commit)."""
         self._recorders.append(recorder)
 
-    def add_listener(self, listener) -> None:
-        """Call ``listener(transition)`` after every change, in order, under the lock."""
-        self._listeners.append(listener)
+    def add_listener(self, listener, latest_only: bool = False) -> None:
+        """Call ``listener(transition)`` after every change, in order, under the lock.
+
+        ``latest_only``: the listener needs only the newest state (a throttled
+        event, say).  Changes a fast path applied may then reach it as one call
+        per batch, with the batch's last transition; ``transitions_total`` has
+        them all.
+        """
+        (self._latest_listeners if latest_only else self._listeners).append(listener)
 
     def remove_listener(self, listener) -> None:
         with self._lock:
-            self._listeners.remove(listener)
+            for listeners in (self._listeners, self._latest_listeners):
+                if listener in listeners:
+                    listeners.remove(listener)
 
     @property
     def last_changed_by(self) -> Optional[int]:

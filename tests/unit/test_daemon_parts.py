@@ -188,3 +188,25 @@ def test_bound_socket_is_0600_even_with_a_wide_umask(tmp_path):
 def test_socket_path_too_long():
     with pytest.raises(listen.SocketError, match="at most 107 bytes"):
         listen.claim_socket_path("/tmp/" + "x" * 200)
+
+
+def test_a_thread_that_finishes_after_the_loop_closed_is_told_not_raised_at():
+    """A guest that stops while the daemon shuts down: its watcher thread posts
+    to a closed loop.  That raised 'Event loop is closed' in the thread, a
+    traceback on stderr; now the call says False and shutdown has done the work."""
+    import asyncio
+    import threading
+
+    from kvmfilter.daemon.loop import call_from_thread
+
+    loop = asyncio.new_event_loop()
+    ran = []
+    assert call_from_thread(loop, ran.append, 1)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert ran == [1]
+    loop.close()
+    results = []
+    t = threading.Thread(target=lambda: results.append(call_from_thread(loop, ran.append, 2)))
+    t.start()
+    t.join()
+    assert results == [False] and ran == [1]

@@ -193,6 +193,29 @@ def test_c_applies_a_change_and_the_record_takes_it():
     assert fast.read_counts() == (0, 0, 1, 0)
 
 
+def test_a_latest_only_listener_hears_once_per_batch_and_every_count_is_kept():
+    """The daemon's throttled event needs the newest state only: a flood the C
+    path applied reaches it as one call, not one per change."""
+    mc = MigrationControl(encrypted_memory=False)
+    latest = []
+    mc.add_listener(latest.append, latest_only=True)
+    fast = fast_for(published(mc))
+    for i in range(100):
+        assert wrmsr(fast, i & 1)[0]  # 0, 1, 0, ...: 100 changes
+    assert mc.transitions_total == 100 and mc.value == 1
+    assert [(t.old, t.new) for t in latest] == [(0, 1)]  # the batch's last
+    mc.access(0, Op.WRMSR, 0)  # the Python path: heard at once, as every listener
+    assert [(t.old, t.new) for t in latest] == [(0, 1), (1, 0)]
+    every = []
+    mc.add_listener(every.append)  # a listener that needs each change ...
+    for i in range(6):
+        assert wrmsr(fast, (i + 1) & 1)[0]
+    mc.sync()
+    assert len(every) == 6 and len(latest) == 2 + 6  # ... and then both hear each
+    mc.remove_listener(latest.append)
+    mc.remove_listener(every.append)
+
+
 def test_changes_from_c_and_python_on_several_vcpus_keep_one_order():
     mc = MigrationControl(encrypted_memory=False)
     rules = published(mc, vcpus=3)
