@@ -1,8 +1,10 @@
 """L5: MIGRATION_READINESS_CHANGED, from vCPU threads to clients, throttled as QEMU
 throttles guest-triggered events.
 
-A vCPU thread builds the event under the policy's lock, after the journal
-committed the transition (so its blocked-reasons are that moment's), and
+Whoever folds a transition into the record - a vCPU thread after the journal
+committed it, or the loop taking the changes the C fast path applied (then
+only the newest of each batch: this listener is ``latest_only``) - builds the
+event under the policy's lock, so its blocked-reasons are that moment's, and
 leaves it in a one-slot mailbox; the loop is woken only when the slot was
 empty.  However fast a guest toggles, the loop does one wake-up per batch and
 memory stays constant.
