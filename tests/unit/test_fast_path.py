@@ -263,3 +263,12 @@ def test_a_journal_sees_every_change_before_it_happens():
     mc.access(0, Op.WRMSR, 0)
     assert [(t.old, t.new) for t in journal] == [(1, 0)] and rules.struct.value == 0
     assert mc.transitions() == [Transition(0, 1, 0, journal[0].time)]
+
+
+def test_the_drain_reads_transitions_as_the_compiler_lays_them_out():
+    from kvmfilter.kvm import fastpath
+    t = "struct kvmf_transition"
+    assert fastpath._ENTRY.size == ffi.sizeof(t)
+    offsets = [ffi.offsetof(t, f) for f in ("seq", "time_ns", "vcpu", "old_value",
+                                            "new_value")]
+    assert offsets == [0, 8, 16, 20, 24]  # "<QQIII" + padding
