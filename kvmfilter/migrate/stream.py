@@ -54,9 +54,9 @@ MAX_LENGTH = {
     END: 4,
 }
 MAX_ANCILLARY = 1 << 20
-NAMES = {b"ABRT": "abort", CONF: "configuration", RAM: "RAM", ZERO: "zero pages", VCPU: "vCPU state",
-         CLCK: "clock", KVMF: "kvmfilter state", PASS: "pass", STOP: "stop", SYNC: "sync",
-         END: "end"}
+NAMES = {b"ABRT": "abort", CONF: "configuration", RAM: "RAM", ZERO: "zero pages",
+         VCPU: "vCPU state", CLCK: "clock", KVMF: "kvmfilter state", PASS: "pass",
+         STOP: "stop", SYNC: "sync", END: "end"}
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
