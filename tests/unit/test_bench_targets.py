@@ -8,8 +8,10 @@ def ms(median):
 
 def report(**over):
     r = {
-        "wrmsr": {"ratio_vs_c": 1.2},
-        "wrmsr_transition": {"ratio_vs_c": 1.4, "kvmfilter": {"cpu_share": 1.0}},
+        "wrmsr": {"ratio_vs_c": 1.2, "kvmfilter": {"median_ns": 6000},
+                  "c_loop": {"median_ns": 5000}},
+        "wrmsr_transition": {"ratio_vs_c": 1.4, "kvmfilter": {"cpu_share": 1.0, "median_ns": 7},
+                             "c_loop": {"median_ns": 5}},
         "startup": {"kvmfilter_run": {"median_s": 0.1}},
         "vcpu_scaling": {"speedup_2_vs_1": 1.7, "2_vcpus": {"cpu_share": 1.95}},
         "page_map": {"median_s": 3.0},
@@ -64,3 +66,10 @@ def test_missing_qemu_is_not_applicable():
 def test_only_the_cases_that_ran_are_judged():
     assert bench.targets({"page_map": {"median_s": 1.0}})[0]["status"] == "PASS"
     assert len(bench.targets({"page_map": {"median_s": 1.0}})) == 1
+
+
+def test_a_negative_marginal_cost_is_unreliable_not_a_pass():
+    r = report(wrmsr={"ratio_vs_c": -0.2, "kvmfilter": {"median_ns": -1500},
+                      "c_loop": {"median_ns": 7000}})
+    [t] = [t for t in bench.targets(r) if t["name"].startswith("wrmsr, same")]
+    assert t["status"] == "UNRELIABLE" and "kvmfilter came out <= 0" in t["reason"]
