@@ -33,11 +33,7 @@
 _start:
     cli
     ljmp    $0, $1f             /* CS = 0 even if a BIOS came in as 07C0:0000 */
-1:  xor     %ax, %ax
-    mov     %ax, %ds
-    mov     %ax, %es
-    mov     %ax, %ss
-    mov     $0x7c00, %sp
+1:  FLAT_SEGMENTS
     cld
 
     mov     $0x40000000, %eax   /* a KVM hypervisor leaf, before leaf 0x40000001 */
@@ -46,14 +42,7 @@ _start:
     jne     2f
     cmp     $0x40000001, %eax   /* the highest hypervisor leaf */
     jb      2f
-    mov     $0x40000001, %eax
-    cpuid
-    bt      $17, %eax
-    jnc     2f
-    mov     $MSR_KVM_MIGRATION_CONTROL, %ecx
-    mov     $1, %eax
-    xor     %edx, %edx
-    wrmsr                       /* READY */
+    ANNOUNCE_READY 2f
 2:  mov     $m_running, %si
     call    puts
     xor     %ebp, %ebp

@@ -105,14 +105,7 @@ _start:
 
     test    %si, %si
     jnz     start_rounds
-    mov     $0x40000001, %eax   /* vCPU 0: READY if migration control exists */
-    cpuid
-    bt      $17, %eax
-    jnc     1f
-    mov     $MSR_KVM_MIGRATION_CONTROL, %ecx
-    mov     $1, %eax
-    xor     %edx, %edx
-    wrmsr
+    ANNOUNCE_READY 1f           /* vCPU 0: READY if migration control exists */
     movb    $1, wrote_ready
 1:  mov     $1, %eax
     cpuid

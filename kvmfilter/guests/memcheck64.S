@@ -146,14 +146,7 @@ vcpu0:
     mov     $2, %al
     outb    %al, $DEBUG_EXIT
     jmp     park16
-1:  mov     $0x40000001, %eax   /* READY if migration control exists */
-    cpuid
-    bt      $17, %eax
-    jnc     1f
-    mov     $MSR_KVM_MIGRATION_CONTROL, %ecx
-    mov     $1, %eax
-    xor     %edx, %edx
-    wrmsr
+1:  ANNOUNCE_READY 1f           /* READY if migration control exists */
     movb    $1, wrote_ready
 
 1:  mov     $PML4, %di          /* zero the tables, GS blocks and IDT */

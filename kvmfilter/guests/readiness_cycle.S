@@ -20,11 +20,7 @@
 
 _start:
     cli
-    xor     %ax, %ax
-    mov     %ax, %ds
-    mov     %ax, %es
-    mov     %ax, %ss
-    mov     $0x7c00, %sp
+    FLAT_SEGMENTS
     test    %si, %si
     jnz     park
     mov     $0x40000001, %eax

@@ -17,21 +17,10 @@
 
 _start:
     cli
-    xor     %ax, %ax
-    mov     %ax, %ds
-    mov     %ax, %es
-    mov     %ax, %ss
-    mov     $0x7c00, %sp
+    FLAT_SEGMENTS
     test    %si, %si
     jnz     park
-    mov     $0x40000001, %eax
-    cpuid
-    bt      $17, %eax
-    jnc     no_feature
-    mov     $1, %eax
-    xor     %edx, %edx
-    mov     $MSR_KVM_MIGRATION_CONTROL, %ecx
-    wrmsr
+    ANNOUNCE_READY no_feature
     mov     $m_ready, %si
     call    puts
     movb    $1, advertised
