@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 
-from . import migration, msr, system
+from . import migration, system
 from .common import host_info, host_load, unreliable
 from .msr import RDMSR_OPCODE, WRMSR_OPCODE, MsrBench, msr_loop
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shutil
 import statistics
+import sys
 import time
 
 
@@ -28,6 +30,12 @@ def interleave(cases: dict, rounds: int) -> dict:
         for name, case in cases.items():
             samples[name].append(case())
     return samples
+
+
+def kvmfilter_command() -> list[str]:
+    """How to start this installation's ``kvmfilter`` (its script, else ``-m``)."""
+    exe = shutil.which("kvmfilter", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "kvmfilter"]
 
 
 def host_info(kvm) -> dict:
@@ -88,3 +96,49 @@ def stop_to_resume_ms(source, dest, timeout: float = 5.0) -> float:
                 raise RuntimeError(f"no {name} event within {timeout:g} s")
             client.execute("query-status")  # collects the events sent meanwhile
     return (find(dest, "RESUME") - find(source, "STOP")) * 1000
+
+
+MIGRATION_ENDS = ("completed", "failed", "cancelled")
+POLL_S = 0.005
+
+
+def migrate_over_qmp(source, dest, uri: str, params: dict, who: str, timeout: float = 120,
+                     failed=RuntimeError) -> dict:
+    """Drive one live migration the way a QEMU user does, for either VMM: set
+    ``params``, ``migrate`` to ``uri``, poll ``query-migrate`` until it ends,
+    wait for the destination to run.  ``source``, ``dest``: ``QmpClient``s.
+    ``failed(message)`` makes the exception for a migration that did not
+    complete (QEMU's adds its destination's log).
+
+    Returns the numbers both VMMs report, and ``paused_ms`` (``stop_to_resume_ms``).
+    """
+    def execute(client, command, arguments=None):
+        reply = client.execute(command, arguments)
+        if "error" in reply:
+            raise RuntimeError(f"{who} {command}: {reply['error'].get('desc')}")
+        return reply["return"]
+
+    execute(source, "migrate-set-parameters", params)
+    source.events.clear()  # the STOP to look for is the one this migration sends
+    execute(source, "migrate", {"uri": uri})
+    deadline = time.monotonic() + timeout
+    while (info := execute(source, "query-migrate")).get("status") not in MIGRATION_ENDS:
+        if time.monotonic() > deadline:
+            source.execute("migrate_cancel")
+            raise RuntimeError(f"{who} migration still {info.get('status')} "
+                               f"after {timeout:g} s")
+        time.sleep(POLL_S)
+    if info["status"] != "completed":
+        raise failed(f"{who} migration {info['status']}: "
+                     f"{info.get('error-desc', 'no error-desc')}")
+    end = time.monotonic() + 10  # both destinations resume on their own
+    while (state := execute(dest, "query-status")["status"]) != "running":
+        if time.monotonic() > end:
+            raise RuntimeError(f"{who} destination is {state!r} after migration")
+        time.sleep(POLL_S)
+    return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+            "paused_ms": stop_to_resume_ms(source, dest),
+            "downtime_to_started_ms": info.get("x-downtime-to-started"),
+            "setup_ms": info.get("setup-time"),
+            "transferred_bytes": info.get("ram", {}).get("transferred"),
+            "downtime_phases_ms": info.get("x-downtime-phases")}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -30,16 +29,10 @@ from ..migrate.transport import parse_uri
 from ..vm.image import bundled_guest
 from ..vm.vmm import RunOptions, Vmm
 from . import qemu
-from .common import stop_to_resume_ms, summarize
+from .common import kvmfilter_command, migrate_over_qmp, summarize
 
 MIB, GIB = 1 << 20, 1 << 30
 DOWNTIME_LIMIT_MS = 300  # QEMU's default, given to both
-POLL_S = 0.005
-
-
-def _serve_cmd() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "kvmfilter")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "kvmfilter"]
 
 
 class KvmfilterGuest:
@@ -53,7 +46,7 @@ class KvmfilterGuest:
         self.log = open(os.path.join(self.dir, "serve.log"), "w+")
         what = (["--incoming", f"unix:{self.incoming_path}"] if incoming else
                 ["bundled:dirty_pages", "--memory", str(memory), "--plain-memory"])
-        self.proc = subprocess.Popen(_serve_cmd() + ["--log-level", "warning", "serve", *what,
+        self.proc = subprocess.Popen(kvmfilter_command() + ["--log-level", "warning", "serve", *what,
                                                      "--socket", self.socket],
                                      stdout=subprocess.DEVNULL, stderr=self.log)
         self.qmp = None
@@ -109,35 +102,14 @@ def kvmfilter_migrate(source: KvmfilterGuest, workdir: str, timeout: float = 120
     source; the numbers and the running destination."""
     dest = KvmfilterGuest(workdir, source.memory, incoming=True)
     try:
-        source.execute("migrate-set-parameters", {"downtime-limit": DOWNTIME_LIMIT_MS})
-        source.qmp.events.clear()
-        source.execute("migrate", {"uri": f"unix:{dest.incoming_path}"})
-        deadline = time.monotonic() + timeout
-        while (info := source.execute("query-migrate"))["status"] not in (
-                "completed", "failed", "cancelled"):
-            if time.monotonic() > deadline:
-                source.qmp.execute("migrate_cancel")
-                raise RuntimeError(f"kvmfilter migration still {info['status']} "
-                                   f"after {timeout:g} s")
-            time.sleep(POLL_S)
-        if info["status"] != "completed":
-            raise RuntimeError(f"kvmfilter migration {info['status']}: "
-                               f"{info.get('error-desc')}")
-        end = time.monotonic() + 10
-        while (state := dest.execute("query-status")["status"]) != "running":
-            if time.monotonic() > end:
-                raise RuntimeError(f"kvmfilter destination is {state!r} after migration")
-            time.sleep(POLL_S)
-        paused = stop_to_resume_ms(source.qmp, dest.qmp)
+        result = migrate_over_qmp(source.qmp, dest.qmp, f"unix:{dest.incoming_path}",
+                                  {"downtime-limit": DOWNTIME_LIMIT_MS}, "kvmfilter",
+                                  timeout, failed=source._fail)
     except BaseException:
         dest.close()
         raise
     source.close()
-    return {"total_ms": info["total-time"], "downtime_ms": info["downtime"],
-            "paused_ms": paused,
-            "downtime_to_started_ms": info.get("x-downtime-to-started"),
-            "setup_ms": info["setup-time"], "transferred_bytes": info["ram"]["transferred"],
-            "downtime_phases_ms": info.get("x-downtime-phases"), "destination": dest}
+    return {**result, "destination": dest}
 
 
 def _booted(vmm_kind: str, memory: int, workdir: str):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..daemon.client import QmpClient, QmpClientError
-from .common import stop_to_resume_ms
+from .common import migrate_over_qmp
 
 MISSING_HINT = ("qemu-system-x86_64 not found: apt-get install qemu-system-x86 "
                 "(make bench installs it)")
@@ -189,41 +189,15 @@ def migrate(source: QemuGuest, workdir: str, downtime_limit_ms: int | None = 300
         dest._connect(time.monotonic() + 30)
         params = {k: v for k, v in (("downtime-limit", downtime_limit_ms),
                                     ("max-bandwidth", max_bandwidth)) if v is not None}
-        for cmd, args in (("migrate-set-parameters", params),
-                          ("migrate", {"uri": f"unix:{dest.incoming_path}"})):
-            source.qmp.events.clear()
-            reply = source.qmp.execute(cmd, args)
-            if "error" in reply:
-                raise RuntimeError(f"{cmd}: {reply['error'].get('desc')}")
-        deadline = time.monotonic() + timeout
-        while True:
-            info = source.qmp.execute("query-migrate")["return"]
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                break
-            if time.monotonic() > deadline:
-                source.qmp.execute("migrate_cancel")
-                raise RuntimeError(f"QEMU migration still {info.get('status')} "
-                                   f"after {timeout:g} s")
-            time.sleep(0.005)
-        if info["status"] != "completed":  # the cause is often in the destination's log
-            raise dest._fail(f"migration {info['status']}: "
-                             f"{info.get('error-desc', 'no error-desc')}", "destination ")
-        # The destination resumes on its own (no -S) right after completion.
-        end = time.monotonic() + 10
-        while (state := dest.status()) != "running" and time.monotonic() < end:
-            time.sleep(0.005)
-        if state != "running":
-            raise RuntimeError(f"QEMU destination is {state!r} after migration")
-        paused = stop_to_resume_ms(source.qmp, dest.qmp)
+        # The cause of a failure is often in the destination's log.
+        result = migrate_over_qmp(source.qmp, dest.qmp, f"unix:{dest.incoming_path}", params,
+                                  "QEMU", timeout,
+                                  failed=lambda why: dest._fail(why, "destination "))
     except BaseException:
         dest.close()
         raise
     source.close()  # postmigrate: its RAM now lives in the destination
-    return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
-            "paused_ms": paused,
-            "setup_ms": info.get("setup-time"),
-            "transferred_bytes": info.get("ram", {}).get("transferred"),
-            "status": info["status"], "destination_status": state, "destination": dest}
+    return {**result, "destination": dest}
 
 
 def selfcheck(memory: int = 32 << 20, rounds: int = 3, workdir: str = "/tmp/qemu-bench",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -14,14 +13,13 @@ import tracemalloc
 from ..policy.pagemap import PageMap
 from ..policy.readiness import MSR_KVM_MIGRATION_CONTROL
 from ..vm.vmm import RunOptions, Vmm
-from .common import interleave, summarize, timed
+from .common import interleave, kvmfilter_command, summarize, timed
 from .msr import WRMSR_OPCODE, msr_loop
 
 
 def startup(rounds: int) -> dict:
     """`kvmfilter run` of the bundled guest, process start to exit, and its parts."""
-    exe = shutil.which("kvmfilter", path=os.path.dirname(sys.executable))
-    run_cmd = ([exe] if exe else [sys.executable, "-m", "kvmfilter"]) + ["run", "--json"]
+    run_cmd = kvmfilter_command() + ["run", "--json"]
     cases = {
         "interpreter": [sys.executable, "-c", "pass"],
         "imports": [sys.executable, "-c", "import kvmfilter.cli, kvmfilter.vm.vmm"],
