@@ -344,8 +344,9 @@ def test_qemu_qmp_drives_a_migration(kvm, short_tmp):
     """QEMU's own client: migrate, MIGRATION events to completed, query-migrate; STOP
     on the source and RESUME on the destination, as QEMU sends them, with the
     times they happened (what the benchmark's guest-visible downtime is read from)."""
-    asyncio = pytest.importorskip("asyncio")
-    from qemu.qmp import QMPClient
+    import asyncio
+
+    from qemu.qmp import QMPClient  # a test dependency: missing means a broken install
 
     src = DaemonProcess(short_tmp, "bundled:memcheck", "--plain-memory", metrics=False)
     uri = f"unix:{short_tmp / 'mig.sock'}"

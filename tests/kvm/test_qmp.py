@@ -13,8 +13,6 @@ import pytest
 
 from daemons import DaemonProcess, poll, raw, send, short_tmp  # noqa: F401
 
-qmp = pytest.importorskip("qemu.qmp")
-
 
 @pytest.fixture
 def daemon(kvm, short_tmp):
