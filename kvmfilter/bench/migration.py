@@ -24,7 +24,8 @@ import time
 
 from ..daemon.client import QmpClient, QmpClientError
 from ..migrate.destination import restore_file
-from ..migrate.source import MigrationJob, Parameters
+from ..migrate.progress import Parameters
+from ..migrate.source import MigrationJob
 from ..migrate.transport import parse_uri
 from ..vm.image import bundled_guest
 from ..vm.vmm import RunOptions, Vmm

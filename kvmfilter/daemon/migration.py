@@ -16,7 +16,8 @@ import time
 from typing import Callable, Optional
 
 from ..migrate.destination import Incoming
-from ..migrate.source import MigrationJob, Parameters
+from ..migrate.progress import Parameters
+from ..migrate.source import MigrationJob
 from ..migrate.transport import parse_uri
 from .loop import call_from_thread
 from .qmp import QmpError
