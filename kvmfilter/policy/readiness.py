@@ -218,7 +218,7 @@ class MigrationControl:
             changes = self._holder.drain()
             if not changes:
                 return
-            if self._listeners or log.isEnabledFor(logging.INFO):
+            if self._listeners:
                 for change in changes:
                     self._transition(Transition(*change))
                 return
@@ -228,8 +228,13 @@ class MigrationControl:
             self._transitions_total += len(changes)
             self._value = changes[-1][2]
             self._since = changes[-1][3]
+            last = self._history[-1]
+            if log.isEnabledFor(logging.INFO):  # one line per batch: a flood is not a log flood
+                log.info("migration_readiness_changed",
+                         extra={"vcpu": last.vcpu, "from": last.old, "to": last.new,
+                                "ready": bool(last.new), "changes": len(changes)})
             for listener in self._latest_listeners:
-                listener(self._history[-1])
+                listener(last)
         finally:
             self._syncing = False
 
