@@ -145,6 +145,7 @@ class Machine:
         self._lifecycle = threading.Lock()  # one pause/resume/stop at a time
         self._started = 0.0
         self._vcpus_ready = False
+        self._launched = False
 
     # -- configuration ---------------------------------------------------------------
 
@@ -283,16 +284,30 @@ class Machine:
 
     # -- the lifecycle ---------------------------------------------------------------
 
+    def launch(self) -> None:
+        """Create the vCPU threads ahead of ``start()``; they wait before their
+        first KVM_RUN.  Starting is then a notification, not a thread creation
+        (0.3-0.5 ms here): a restored VM launches while its state loads, so its
+        guest resumes sooner.  Idempotent."""
+        self.setup()
+        kick_signal()  # install the handler before any thread can be kicked
+        with self.control.cond:
+            if self._launched:
+                return
+            self._launched = True
+            self._running = len(self.threads)
+        for t in self.threads:
+            t.launch()
+
     def start(self) -> None:
-        """Start the vCPU threads; returns at once."""
+        """Start the vCPUs (launching their threads if need be); returns at once."""
         with self._lifecycle:
             if self.state is not RunState.PRELAUNCH:
                 raise StateError(f"a machine starts once (it is {self.state})")
             if not self._vcpus_ready:
                 raise StateError("boot(image) or restore_vcpus(states) before start()")
-            kick_signal()  # install the handler before any thread can be kicked
+            self.launch()
             self._started = time.monotonic()
-            self._running = len(self.threads)
             self.state = RunState.RUNNING
             for t in self.threads:
                 t.start()
@@ -448,8 +463,13 @@ class Machine:
     def close(self) -> None:
         """Stop and join any vCPU thread still running, then release everything."""
         if any(t.thread.is_alive() for t in self.threads):
-            self.stop(StopRecord(StopReason.INTERRUPTED, 1,
-                                 "the machine was closed while running"))
+            if self.state is RunState.PRELAUNCH:  # launched, never started: no guest ran
+                with self.control.cond:
+                    self.control.stopping = True
+                    self.control.cond.notify_all()
+            else:
+                self.stop(StopRecord(StopReason.INTERRUPTED, 1,
+                                     "the machine was closed while running"))
             self._join()
         for t in self.threads:
             t.vcpu.close()

@@ -123,7 +123,7 @@ def build(kvm, conf: dict, origin: str, source: str, **overrides) -> Vmm:
     vmm = Vmm(kvm, options, image=False, label=str(conf["vm"].get("label", "<restored>")),
               cpuid=cpuid_from(conf), origin=origin, source=source, parent=parent)
     try:
-        vmm.machine.setup()
+        vmm.machine.launch()  # the vCPU threads wait while the state loads
     except BaseException:
         vmm.close()
         raise

@@ -1,6 +1,7 @@
 """L4: one vCPU and the thread that runs it, as an explicit state machine.
 
     CREATED --start--> RUNNING <--park/unpark--> PARKED
+       (launched: the thread exists and waits, before its first KVM_RUN)
                          |  ^
                      HLT |  | wake (serve only: power button, pause, stop)
                          v  |
@@ -88,9 +89,16 @@ class VcpuThread:
     def id(self) -> int:
         return self.vcpu.id
 
+    def launch(self) -> None:
+        """Create the thread now; it waits in CREATED, before its first KVM_RUN,
+        until ``start()`` (or a stop).  Idempotent."""
+        if self.thread.ident is None:
+            self.thread.start()
+
     def start(self) -> None:
+        """Let the thread run the guest (launching it first if need be)."""
+        self.launch()
         self._set_state(VcpuState.RUNNING)
-        self.thread.start()
 
     def exit_counts(self) -> dict[str, int]:
         """Exits by name so far, the ones the C fast path serviced included."""
@@ -119,7 +127,8 @@ class VcpuThread:
     def _main(self) -> None:
         try:
             self.vcpu.prepare_thread()
-            self._loop()
+            if self._wait_for_start():
+                self._loop()
         except Exception as exc:  # a bug must stop the VM, not vanish with the thread
             from ..policy.journal import JournalError
             if isinstance(exc, JournalError):  # an expected failure: no traceback
@@ -133,6 +142,14 @@ class VcpuThread:
         finally:
             self._set_state(VcpuState.FINISHED)
             self._on_finished(self)
+
+    def _wait_for_start(self) -> bool:
+        """Wait while CREATED; False if the machine stopped before ``start()``."""
+        control = self.control
+        with control.cond:
+            while self.state is VcpuState.CREATED and not control.stopping:
+                control.cond.wait()
+            return not control.stopping
 
     def _loop(self) -> None:
         control = self.control

@@ -43,6 +43,34 @@ def test_si_is_the_vcpu_index(kvm):
     assert r.exit.reason == "hlt"
 
 
+def test_launched_vcpus_run_nothing_until_started(kvm):
+    # A restored VM launches its vCPU threads while its state loads: they must
+    # not enter the guest before start(), and start() must still run it.
+    with Machine(kvm, vcpus=2) as m:
+        m.boot(bundled_guest("hello"))
+        m.launch()
+        assert all(t.thread.is_alive() for t in m.threads)
+        time.sleep(0.1)
+        assert m.console.text() == "" and all(not t.exit_counts() for t in m.threads)
+        m.start()
+        r = m.wait()
+    assert r.console.startswith("hello from kvmfilter\n")
+    assert (r.exit.reason, r.exit.code) == ("debug_exit", 0)
+
+
+def test_a_launched_machine_that_never_starts_closes_quietly(kvm, caplog):
+    # An incoming migration that fails after its VM was built closes it: the
+    # waiting threads end, and nothing says the (never started) guest stopped.
+    caplog.set_level("INFO", logger="kvmfilter.vm")
+    m = Machine(kvm, vcpus=2)
+    m.boot(bundled_guest("hello"))
+    m.launch()
+    threads = [t.thread for t in m.threads]
+    m.close()
+    assert not any(t.is_alive() for t in threads)
+    assert "vm_stopping" not in caplog.text
+
+
 def test_triple_fault_is_shutdown(kvm):
     r = run_image(kvm, test_guest("triple_fault"))
     assert r.exit.reason == "shutdown" and r.exit.code == 1
