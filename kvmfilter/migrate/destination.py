@@ -210,8 +210,10 @@ class Incoming:
             if tag != stream.COMMIT:
                 raise IncomingError("the source abandoned the migration")
             self.before_start(vmm)
-            vmm.start(self.kvm)
+            # As QEMU's vm_prepare_start: RESUME goes out as the vCPUs are let go
+            # (their threads wait, launched, so this is a notification).
             self.on_event("RESUME", None)
+            vmm.start(self.kvm)
             stopped = self.facts.get("source_stopped")
             if stopped:
                 self.downtime = max(0.0, time.time() - stopped)
