@@ -244,6 +244,10 @@ int kvmf_run_fast(int vcpu_fd, struct kvm_run *run, struct kvmf_msr_fast *f,
                   struct kvmf_fast_counts *counts, struct kvmf_console *con,
                   struct kvmf_ring *ring, uint32_t budget);
 
+/* ---- CRC-32C, the migration stream's checksum (see kvm_source.c) ---- */
+uint32_t kvmf_crc32c(uint32_t crc, const unsigned char *p, size_t n);
+uint32_t kvmf_crc32c_portable(uint32_t crc, const unsigned char *p, size_t n);
+
 /* ---- benchmark baseline ---- */
 long kvmf_bench_c_loop(int vcpu_fd, struct kvm_run *run, uint32_t index);
 double kvmf_monotonic(void);

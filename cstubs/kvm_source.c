@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 #include <sys/ioctl.h>
@@ -428,4 +429,48 @@ static double kvmf_monotonic(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---- CRC-32C ---------------------------------------------------------------
+ * The migration stream's checksum (format version 2): CRC-32C, Castagnoli's
+ * polynomial (reflected 0x82F63B78; iSCSI's and ext4's), with the usual
+ * pre- and post-inversion.  SSE4.2's CRC32 instruction takes 8 bytes at a
+ * time - about 3x zlib's CRC-32, which cost a quarter of the CPU a migration
+ * spends per page; CPUs without it take the bitwise loop. */
+static uint32_t kvmf_crc32c_portable(uint32_t crc, const unsigned char *p, size_t n)
+{
+    crc = ~crc;
+    while (n--) {
+        crc ^= *p++;
+        for (int k = 0; k < 8; k++)
+            crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));
+    }
+    return ~crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t kvmf_crc32c_sse42(uint32_t crc, const unsigned char *p, size_t n)
+{
+    uint64_t c = (uint32_t)~crc;
+    for (; n && ((uintptr_t)p & 7); n--)
+        c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+    for (; n >= 8; n -= 8, p += 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+    }
+    for (; n; n--)
+        c = __builtin_ia32_crc32qi((uint32_t)c, *p++);
+    return ~(uint32_t)c;
+}
+#endif
+
+static uint32_t kvmf_crc32c(uint32_t crc, const unsigned char *p, size_t n)
+{
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("sse4.2"))
+        return kvmf_crc32c_sse42(crc, p, n);
+#endif
+    return kvmf_crc32c_portable(crc, p, n);
 }
