@@ -5,7 +5,8 @@ Pure: bytes in, bytes out (docs/stream-format.md is the specification).
     stream  := header section* END
     header  := MAGIC (8 bytes) version (u16 LE) flags (u16 LE, 0)
     section := tag (4 ASCII bytes) length (u32 LE) payload (length bytes)
-               crc32 (u32 LE, of tag + length + payload)
+               checksum (u32 LE, of tag + length + payload: CRC-32C in
+               version 2, zlib's CRC-32 in version 1, which is still read)
 
 A tag whose first letter is upper-case is *critical*: a reader that does not
 know it must refuse the stream.  A lower-case first letter marks an
@@ -21,9 +22,11 @@ import zlib
 from typing import BinaryIO, Iterator, Optional
 
 from ..base import BadInput
+from ..kvm.checksum import crc32c
 
 MAGIC = b"\x89KVMFLT\n"  # a high bit and a newline: catches 7-bit and text-mode damage
-VERSION = 1
+VERSION = 2  # 2: CRC-32C checksums (2-3x cheaper than version 1's CRC-32)
+CHECKSUMS = {1: zlib.crc32, 2: crc32c}  # the versions read, and their checksum
 HEADER = struct.Struct("<8sHH")
 SECTION = struct.Struct("<4sI")
 CRC = struct.Struct("<I")
@@ -101,14 +104,19 @@ class Writer:
     def header(self) -> None:
         self._write(HEADER.pack(MAGIC, VERSION, 0))
 
-    def section(self, tag: bytes, payload: bytes) -> None:
+    def section(self, tag: bytes, *parts) -> None:
+        """One section whose payload is ``parts`` (bytes-like) joined - written
+        part by part, never joined in memory."""
+        length = sum(len(p) for p in parts)
         limit = MAX_LENGTH.get(tag, MAX_ANCILLARY)
-        if len(payload) > limit:
-            raise ValueError(f"{describe(tag)}: {len(payload)} bytes, at most {limit}")
-        head = SECTION.pack(tag, len(payload))
-        crc = zlib.crc32(payload, zlib.crc32(head))
+        if length > limit:
+            raise ValueError(f"{describe(tag)}: {length} bytes, at most {limit}")
+        head = SECTION.pack(tag, length)
+        crc = crc32c(head)
         self._write(head)
-        self._write(payload)
+        for part in parts:
+            crc = crc32c(part, crc)
+            self._write(part)
         self._write(CRC.pack(crc))
         self.sections += 1
 
@@ -154,12 +162,13 @@ class Reader:
         if magic != MAGIC:
             raise StreamError(f"not a kvmfilter stream (magic {magic!r}, expected "
                               f"{MAGIC!r})", None, 0)
-        if version != VERSION:
-            raise StreamError(f"format version {version}; this kvmfilter reads version "
-                              f"{VERSION}", None, 8)
+        if version not in CHECKSUMS:
+            raise StreamError(f"format version {version}; this kvmfilter reads versions "
+                              f"{', '.join(map(str, CHECKSUMS))}", None, 8)
         if flags:
             raise StreamError(f"unknown header flags {flags:#x}", None, 10)
         self.version = version
+        self._checksum = CHECKSUMS[version]
         return version
 
     def sections(self) -> Iterator[tuple[bytes, bytes]]:
@@ -181,7 +190,7 @@ class Reader:
                 raise StreamError(f"length {length} exceeds the limit {limit}", tag, start)
             payload = self._read(length, tag, "the payload")
             (crc,) = CRC.unpack(self._read(CRC.size, tag, "the checksum"))
-            if zlib.crc32(payload, zlib.crc32(head)) != crc:
+            if self._checksum(payload, self._checksum(head)) != crc:
                 raise StreamError("checksum mismatch (the data is damaged)", tag, start)
             if tag == END:
                 if length != 4 or _U32.unpack(payload)[0] != self.sections_read:
@@ -209,6 +218,11 @@ def read_exactly(inp: BinaryIO, n: int) -> bytes:
 
 def ram_payload(gpa: int, data: bytes) -> bytes:
     return _U64.pack(gpa) + data
+
+
+def ram_head(gpa: int) -> bytes:
+    """A RAM payload's first part; the pages follow (``Writer.section(RAM, head, pages)``)."""
+    return _U64.pack(gpa)
 
 
 def parse_ram(payload: bytes, memory_size: int) -> tuple[int, memoryview]:
@@ -282,7 +296,8 @@ def u32(value: int) -> bytes:
 # is loaded.  After END the destination answers READY (it holds the whole
 # state) or FAILED, the source answers COMMIT (it will never run the guest
 # again) or ABORT, and the destination, once its vCPUs run, says STARTED.  Same
-# framing as sections.
+# framing as sections, but zlib's CRC-32 in every version: a destination that
+# refuses a newer stream can still tell its source why.
 
 READY = b"RDY!"
 FAILED = b"NAK!"
