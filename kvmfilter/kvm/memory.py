@@ -23,6 +23,7 @@ class GuestMemory:
         self.size = size
         self.address = int(ffi.cast("uintptr_t", ptr))
         self.view = ffi.buffer(ffi.cast("char *", ptr), size)
+        self._mv = memoryview(self.view)
 
     def write(self, offset: int, data: bytes) -> None:
         if offset < 0 or offset + len(data) > self.size:
@@ -36,9 +37,17 @@ class GuestMemory:
                              f"outside {self.size:#x} bytes of guest memory")
         return self.view[offset:offset + length]
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Copy ``len(out)`` bytes at ``offset`` into ``out`` (one copy, no allocation)."""
+        if offset < 0 or offset + len(out) > self.size:
+            raise ValueError(f"read of {len(out)} bytes at {offset:#x} "
+                             f"outside {self.size:#x} bytes of guest memory")
+        out[:] = self._mv[offset:offset + len(out)]
+
     def close(self) -> None:
         if self.ptr is not None:
-            self.view = None
+            self._mv.release()
+            self.view = self._mv = None
             lib.munmap(self.ptr, self.size)
             self.ptr = None
 

@@ -85,6 +85,7 @@ class MigrationJob:
         self._paused_by_us = False
         self._sock = self._inp = None  # a socket's, and its return path
         self._pending = b""  # pages pre-copy left dirty, for the stop
+        self._pages = memoryview(bytearray(SEND_CHUNK_PAGES * PAGE))  # _send_pages' buffer
         self._phase_start = 0.0  # where the current downtime phase began
         self._was_paused = False
         self._thread = threading.Thread(target=self._main, name="migration", daemon=True)
@@ -260,18 +261,24 @@ class MigrationJob:
         self._phase("state")
 
     def _send_pages(self, writer: stream.Writer, bitmap: bytes) -> None:
-        """Every page set in ``bitmap``: zero pages as runs, the rest with data."""
+        """Every page set in ``bitmap``: zero pages as runs, the rest with data.
+
+        Each run of pages is copied once, into a buffer reused for the whole
+        job (a fresh 128 KiB object per section cost page faults: 0.3 ms per
+        512 KiB here), and written from there.
+        """
         ram, stats = self.vmm.ram, self.stats
+        view = self._pages
         zero_runs: list[tuple[int, int]] = []
         for first, n in precopy.chunked(precopy.runs(bitmap), SEND_CHUNK_PAGES):
             self._check()
             base = first * PAGE
-            data = ram.read(base, n * PAGE)
+            ram.read_into(base, view[:n * PAGE])
             i = 0
             while i < n:
-                zero = data[i * PAGE:(i + 1) * PAGE] == ZERO_PAGE
+                zero = view[i * PAGE:(i + 1) * PAGE] == ZERO_PAGE
                 j = i + 1
-                while j < n and (data[j * PAGE:(j + 1) * PAGE] == ZERO_PAGE) == zero:
+                while j < n and (view[j * PAGE:(j + 1) * PAGE] == ZERO_PAGE) == zero:
                     j += 1
                 if zero:
                     zero_runs.append((base + i * PAGE, j - i))
@@ -280,8 +287,8 @@ class MigrationJob:
                         writer.section(stream.ZERO, stream.zero_payload(zero_runs))
                         zero_runs = []
                 else:
-                    writer.section(stream.RAM, stream.ram_payload(
-                        base + i * PAGE, data[i * PAGE:j * PAGE]))
+                    writer.section(stream.RAM, stream.ram_head(base + i * PAGE),
+                                   view[i * PAGE:j * PAGE])
                     stats.normal += j - i
                 i = j
         if zero_runs:

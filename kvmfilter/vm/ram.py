@@ -70,5 +70,8 @@ class GuestRam:
     def read(self, offset: int, length: int) -> bytes:
         return self.memory.read(offset, length)
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        self.memory.read_into(offset, out)
+
     def close(self) -> None:
         self.memory.close()
