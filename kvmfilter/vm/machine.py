@@ -235,8 +235,6 @@ class Machine:
         self.cpuid = cpuid
         if self.msr_rules is not None:
             self._fast_handler.attach_fast_path(self.msr_rules, FastValue(self.msr_rules, rings))
-        log.info("vm_created", extra={"vcpus": self.nvcpus, "memory": self.memory_size,
-                                      "msrs": sorted(self.msr_handlers)})
 
     def _enable_hypercall_exits(self, vm) -> int:
         """Enable the hypercall exits KVM offers; return the CPUID bits earned."""
@@ -311,6 +309,10 @@ class Machine:
             self.state = RunState.RUNNING
             for t in self.threads:
                 t.start()
+        # Logged when it starts, not when built: a VM built and discarded (a
+        # failed incoming migration, a destination's warm-up) never ran.
+        log.info("vm_created", extra={"vcpus": self.nvcpus, "memory": self.memory_size,
+                                      "msrs": sorted(self.msr_handlers)})
 
     def run(self, image: Optional[bytes] = None) -> RunResult:
         """Boot ``image`` (if given), run until the VM stops or times out."""
