@@ -157,6 +157,10 @@ def _summary(results: list[dict]) -> dict:
         values = [r[key] for r in results if r.get(key) is not None]
         if values:
             out[key] = summarize(values, key.rsplit("_", 1)[1])
+    phases = [r["downtime_phases_ms"] for r in results if r.get("downtime_phases_ms")]
+    if phases:  # kvmfilter's x-downtime-phases: where its downtime went
+        out["downtime_phases_ms"] = {name: summarize([p.get(name, 0) for p in phases], "ms")
+                                     for name in phases[0]}
     return out
 
 
