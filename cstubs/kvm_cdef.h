@@ -248,6 +248,12 @@ int kvmf_run_fast(int vcpu_fd, struct kvm_run *run, struct kvmf_msr_fast *f,
 uint32_t kvmf_crc32c(uint32_t crc, const unsigned char *p, size_t n);
 uint32_t kvmf_crc32c_portable(uint32_t crc, const unsigned char *p, size_t n);
 
+/* ---- page bitmaps in KVM's dirty-log layout (see kvm_source.c) ---- */
+void kvmf_bitmap_or(unsigned char *dst, const unsigned char *src, size_t n);
+uint64_t kvmf_bitmap_count(const unsigned char *b, size_t n);
+size_t kvmf_bitmap_runs(const unsigned char *b, size_t n, uint64_t *pos, uint64_t *out,
+                        size_t max);
+
 /* ---- benchmark baseline ---- */
 long kvmf_bench_c_loop(int vcpu_fd, struct kvm_run *run, uint32_t index);
 double kvmf_monotonic(void);

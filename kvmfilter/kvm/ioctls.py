@@ -219,8 +219,11 @@ class Vm(_Fd):
                "KVM_SET_USER_MEMORY_REGION")
         return MemorySlot(slot, guest_phys_addr, size, userspace_addr, flags)
 
-    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+    def get_dirty_log(self, slot: int, npages: int) -> memoryview:
         """KVM_GET_DIRTY_LOG: bit i = page i of ``slot`` was written since the last call.
+
+        Returns a read-only view of a buffer the next call for ``slot``
+        overwrites: copy what must outlive it.
 
         KVM ABI: api.rst, KVM_GET_DIRTY_LOG: the bitmap has one bit per page,
         in 64-bit words; without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 the call
@@ -228,8 +231,9 @@ class Vm(_Fd):
         """
         nbytes = (npages + 63) // 64 * 8
         with self._dirty_lock:
-            # One buffer per slot, reused: a 64 GiB slot's 2 MiB bitmap, freshly
-            # allocated and zeroed each time, costs more than the ioctl.
+            # One buffer per slot, reused and not copied: a 64 GiB slot's 2 MiB
+            # bitmap, freshly allocated (page faults) each time, costs more
+            # than the ioctl - and the last harvest is on the guest's downtime.
             bitmap = self._dirty_buffers.get(slot)
             if bitmap is None or len(bitmap) != nbytes:
                 bitmap = self._dirty_buffers[slot] = ffi.new("char[]", nbytes)
@@ -237,7 +241,7 @@ class Vm(_Fd):
             log.slot = slot
             log.dirty_bitmap = bitmap
             _check(lib.kvmf_ioctl(self.fd, lib.KVM_GET_DIRTY_LOG, log), "KVM_GET_DIRTY_LOG")
-            return ffi.buffer(bitmap, nbytes)[:]
+            return memoryview(ffi.buffer(bitmap, nbytes)).toreadonly()
 
     def get_clock(self) -> bytes:
         """KVM_GET_CLOCK: ``struct kvm_clock_data`` (kvmclock's view of time)."""

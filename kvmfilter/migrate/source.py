@@ -33,7 +33,7 @@ import time
 from typing import Callable, Optional
 
 from ..base import KvmfilterError
-from ..kvm.bitmap import union
+from ..kvm.bitmap import or_into
 from ..vm import state as vm_state
 from ..vm.machine import RunState
 from . import precopy, stream
@@ -84,7 +84,7 @@ class MigrationJob:
         self._abort: Optional[str] = None  # set by a revoking vCPU
         self._paused_by_us = False
         self._sock = self._inp = None  # a socket's, and its return path
-        self._pending = b""  # pages pre-copy left dirty, for the stop
+        self._pending = bytearray()  # pages pre-copy left dirty, for the stop
         self._pages = memoryview(bytearray(SEND_CHUNK_PAGES * PAGE))  # _send_pages' buffer
         self._phase_start = 0.0  # where the current downtime phase began
         self._was_paused = False
@@ -197,7 +197,7 @@ class MigrationJob:
                 if stats.precopy == "gave-up":
                     log.warning("precopy_gave_up", extra={"rounds": stats.rounds,
                                                           "remaining": dirty})
-                self._pending = bitmap
+                self._pending = bytearray(bitmap)  # a copy now, not in the downtime
                 return
 
     def _sync(self, writer: stream.Writer, out) -> None:
@@ -241,7 +241,8 @@ class MigrationJob:
         if self.uri.scheme == "file":
             bitmap = vmm.ram.written()
         else:
-            bitmap = union(self._pending, vmm.ram.harvest())
+            bitmap = self._pending
+            or_into(bitmap, vmm.ram.harvest())
             stats.dirty_sync_count += 1
         self._phase("dirty-log")
         self._send_pages(writer, bitmap)

@@ -55,9 +55,10 @@ class GuestRam:
             first = offset // PAGE_SIZE
             self._written.add_range(first, (offset + length - 1) // PAGE_SIZE - first + 1)
 
-    def harvest(self) -> bytes:
-        """The pages the guest wrote since the last harvest (KVM's bitmap), and
-        remember them as written.  KVM clears its log and write-protects them."""
+    def harvest(self) -> memoryview:
+        """The pages the guest wrote since the last harvest (KVM's bitmap, a view
+        the next harvest overwrites), and remember them as written.  KVM clears
+        its log and write-protects them."""
         dirty = self.vm.get_dirty_log(SLOT, self.npages)
         self._written.add_bitmap(dirty)
         return dirty
