@@ -96,7 +96,11 @@ def serve_options(f):
 @click.option("--incoming", metavar="URI",
               help="Take the VM from a migration instead of booting IMAGE: unix:PATH or "
               "tcp:HOST:PORT (listen for one source), file:PATH (a snapshot), or defer "
-              "(wait for QMP migrate-incoming).  Status is inmigrate until it arrives.")
+              "(wait for QMP migrate-incoming).  Status is inmigrate until it arrives.  "
+              "With unix:, tcp: or defer, --memory, --vcpus, --plain-memory, "
+              "--no-migration-control and --no-map-gpa-range say the source's VM (as "
+              "QEMU's destination is started with the source's machine): it is built "
+              "before the source connects, and a stream for another VM is refused.")
 @click.pass_context
 def serve(ctx, socket_path: str, metrics_file: str | None, incoming: str | None,
           **kwargs) -> None:
@@ -122,8 +126,9 @@ def serve(ctx, socket_path: str, metrics_file: str | None, incoming: str | None,
         check_metrics_path(metrics_file)
     uri = None
     if incoming is not None:
-        overrides = _incoming_overrides(ctx, kwargs, hlt_parks=True)
         uri = None if incoming == "defer" else _incoming_uri(incoming, ("file", "unix", "tcp"))
+        overrides = _incoming_overrides(ctx, kwargs, may_prepare=uri is None or
+                                        uri.scheme != "file", hlt_parks=True)
         vmm = None
     else:
         if kwargs["image"] is None:

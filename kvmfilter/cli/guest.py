@@ -93,16 +93,28 @@ VM_SHAPE = ("image", "memory", "vcpus", "no_migration_control", "no_map_gpa_rang
             "plain_memory")
 
 
-def _incoming_overrides(ctx, kwargs: dict, **fixed) -> dict:
+def _incoming_overrides(ctx, kwargs: dict, may_prepare: bool = False, **fixed) -> dict:
     """What an incoming VM takes from the command line; a usage error for any
-    option the stream's configuration decides."""
+    option the stream's configuration decides.
+
+    ``may_prepare`` (serve --incoming unix:, tcp:, defer): the VM's shape
+    options are allowed, as a QEMU destination is started with the source's
+    machine, and become ``prepare``: the VM is built before the source
+    connects, and a stream for another shape is refused.
+    """
     from click.core import ParameterSource
     given = [name for name in VM_SHAPE if kwargs.get(name) and (
         name == "image" or ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE)]
-    if given:
+    if given and (not may_prepare or "image" in given):
         raise click.UsageError(f"--incoming takes the VM's configuration from the stream; "
                                f"drop {', '.join(n.replace('_', '-') for n in given)}")
     overrides = {"journal": kwargs["journal"], "timeout": kwargs["timeout"], **fixed}
+    if given:
+        overrides["prepare"] = {
+            "memory": kwargs["memory"], "vcpus": kwargs["vcpus"],
+            "migration_control": not kwargs["no_migration_control"],
+            "map_gpa_range": not kwargs["no_map_gpa_range"],
+            "plain_memory": kwargs["plain_memory"]}
     if ctx.get_parameter_source("name") is ParameterSource.COMMANDLINE:
         overrides["name"] = kwargs["name"]
     return overrides

@@ -39,10 +39,13 @@ class IncomingError(KvmfilterError):
 
 def receive(kvm, reader: stream.Reader, origin: str, source: str,
             on_event: Callable[[str, Optional[dict]], None] = lambda name, data: None,
-            on_sync: Callable[[bytes], None] = lambda number: None, **overrides):
+            on_sync: Callable[[bytes], None] = lambda number: None, prepared=None,
+            **overrides):
     """Read a whole stream; the built ``Vmm`` (not started) and facts about it.
 
     ``on_sync(number)``: a SYNC section arrived (everything before it is in).
+    ``prepared``: a VM ``vm_state.prepare`` built for the stream; it is used
+    (or closed, whatever happens).
 
     Raises:
         StreamError: the stream is malformed (says which section and why).
@@ -60,7 +63,10 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
                     raise stream.StreamError("the configuration must come first", tag,
                                              reader.offset)
                 conf = stream.parse_json(tag, payload)
-                vmm = vm_state.build(kvm, conf, origin, source, **overrides)
+                if prepared is not None:
+                    vmm, prepared = vm_state.adopt(prepared, conf, **overrides), None
+                else:
+                    vmm = vm_state.build(kvm, conf, origin, source, **overrides)
                 facts["config"] = conf
                 on_event("MIGRATION", {"status": "active"})
             elif tag == stream.RAM:
@@ -102,8 +108,9 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
             raise BadInput(f"the vCPU state does not load: {exc}") from None
         return vmm, facts
     except BaseException:
-        if vmm is not None:
-            vmm.close()
+        for unused in (vmm, prepared):
+            if unused is not None:
+                unused.close()
         raise
 
 
@@ -128,10 +135,18 @@ def _parse_vcpu(payload: bytes, nvcpus: int, seen: dict) -> tuple[int, CpuState]
     return index, CpuState(blobs, msrs)
 
 
-def restore_file(kvm, path: str, **overrides):
-    """A VM from a snapshot file (``file:PATH``); (vmm, facts), not started."""
-    with open_snapshot(path) as f:
-        return receive(kvm, stream.Reader(f), "restore", f"file:{path}", **overrides)
+def restore_file(kvm, path: str, prepared=None, **overrides):
+    """A VM from a snapshot file (``file:PATH``); (vmm, facts), not started.
+    ``prepared``: as for ``receive`` (closed if the file does not open)."""
+    try:
+        f = open_snapshot(path)
+    except BaseException:
+        if prepared is not None:
+            prepared.close()
+        raise
+    with f:
+        return receive(kvm, stream.Reader(f), "restore", f"file:{path}",
+                       prepared=prepared, **overrides)
 
 
 class Incoming:
@@ -146,9 +161,10 @@ class Incoming:
 
     def __init__(self, kvm, uri: Uri,
                  on_event: Callable[[str, Optional[dict]], None] = lambda name, data: None,
-                 **overrides):
+                 prepare: Optional[dict] = None, **overrides):
         self.kvm = kvm
         self.uri = uri
+        self.prepare = prepare  # a VM shape to build before the source connects
         self.on_event = on_event
         self.before_start: Callable = lambda vmm: None
         self.overrides = overrides
@@ -165,7 +181,9 @@ class Incoming:
     def run(self):
         self.on_event("MIGRATION", {"status": "setup"})
         if self.uri.scheme == "file":
-            vmm, self.facts = restore_file(self.kvm, self.uri.path, **self.overrides)
+            prepared = self._prepare() if self.prepare is not None else None
+            vmm, self.facts = restore_file(self.kvm, self.uri.path, prepared=prepared,
+                                           **self.overrides)
             try:
                 self.before_start(vmm)
                 vmm.start(self.kvm)
@@ -176,28 +194,46 @@ class Incoming:
             return vmm
         if self._listener is None:
             self.listen()
-        # While nobody has connected: the first VM a process builds costs ~1 ms
-        # more than later ones, and this build is on the migration's clock.
-        vm_state.warm_up(self.kvm)
+        # While nobody has connected, take the build off the migration's clock:
+        # the VM itself when its shape was given; else a warm-up (the first VM
+        # a process builds costs ~1 ms more than later ones).
+        prepared = None
+        if self.prepare is not None:
+            prepared = self._prepare()
+        else:
+            vm_state.warm_up(self.kvm)
         try:
-            conn, peer = self._listener.accept()
-        except OSError as exc:
-            raise IncomingError(f"waiting for the source on {self.uri}: "
-                                f"{exc.strerror or exc}") from None
-        finally:
-            self._close_listener()
+            try:
+                conn, peer = self._listener.accept()
+            except OSError as exc:
+                raise IncomingError(f"waiting for the source on {self.uri}: "
+                                    f"{exc.strerror or exc}") from None
+            finally:
+                self._close_listener()
+        except BaseException:
+            if prepared is not None:
+                prepared.close()
+            raise
         with conn:
             conn.settimeout(READ_TIMEOUT)
-            return self._receive(conn, peer)
+            return self._receive(conn, peer, prepared)
 
-    def _receive(self, conn: socket.socket, peer):
+    def _prepare(self):
+        try:
+            origin = "restore" if self.uri.scheme == "file" else "incoming"
+            return vm_state.prepare(self.kvm, self.prepare, origin, str(self.uri),
+                                    **self.overrides)
+        except ValueError as exc:
+            raise IncomingError(f"cannot prepare the VM: {exc}") from None
+
+    def _receive(self, conn: socket.socket, peer, prepared):
         inp = conn.makefile("rb", buffering=1 << 20)
         self.started_at = time.monotonic()
         try:
             vmm, self.facts = receive(
                 self.kvm, stream.Reader(inp), "incoming", str(self.uri), self.on_event,
                 lambda number: conn.sendall(stream.frame(stream.SYNCED, number)),
-                **self.overrides)
+                prepared, **self.overrides)
         except (KvmfilterError, OSError, ValueError) as exc:
             reason = _reason(exc)
             try:

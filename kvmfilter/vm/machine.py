@@ -146,6 +146,7 @@ class Machine:
         self._started = 0.0
         self._vcpus_ready = False
         self._launched = False
+        self._earned = 0  # CPUID PV bits whose hypercall exits KVM agreed to deliver
 
     # -- configuration ---------------------------------------------------------------
 
@@ -204,14 +205,10 @@ class Machine:
         if self.msr_handlers:
             self._check_caps(MSR_CAPS)
         self.vm = vm = self.kvm.create_vm()
-        earned = self._enable_hypercall_exits(vm)
+        self._earned = earned = self._enable_hypercall_exits(vm)
         if self._cpuid_given:
             cpuid = self.cpuid
-            missing = pv_bits(cpuid) & self._hypercall_feature_bits() & ~earned
-            if missing:
-                raise MissingCapabilityError(
-                    "the guest was offered a hypercall (CPUID 0x40000001 bits "
-                    f"{missing:#x}) whose exit this host's KVM does not deliver")
+            self._check_cpuid(cpuid)
         else:
             cpuid = self.kvm.get_supported_cpuid()
             pv_features = self.pv_features | earned
@@ -235,6 +232,28 @@ class Machine:
         self.cpuid = cpuid
         if self.msr_rules is not None:
             self._fast_handler.attach_fast_path(self.msr_rules, FastValue(self.msr_rules, rings))
+
+    def _check_cpuid(self, cpuid: list) -> None:
+        missing = pv_bits(cpuid) & self._hypercall_feature_bits() & ~self._earned
+        if missing:
+            raise MissingCapabilityError(
+                "the guest was offered a hypercall (CPUID 0x40000001 bits "
+                f"{missing:#x}) whose exit this host's KVM does not deliver")
+
+    def set_cpuid(self, cpuid: list) -> None:
+        """Give every vCPU ``cpuid`` instead of the table set up with: a guest
+        restored into a VM prepared before its configuration arrived.
+
+        KVM ABI: api.rst, KVM_SET_CPUID2: CPUID may change until the vCPU
+        first runs (afterwards KVM refuses all but the same table).
+        """
+        self.setup()
+        if self.state is not RunState.PRELAUNCH or self._vcpus_ready:
+            raise StateError("CPUID can be set only on a machine that has not run")
+        self._check_cpuid(cpuid)
+        for t in self.threads:
+            t.vcpu.set_cpuid2(per_vcpu(cpuid, t.id, self.nvcpus))
+        self.cpuid, self._cpuid_given = cpuid, True
 
     def _enable_hypercall_exits(self, vm) -> int:
         """Enable the hypercall exits KVM offers; return the CPUID bits earned."""

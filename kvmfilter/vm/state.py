@@ -25,7 +25,7 @@ from ..base import BadInput, version
 from ..kvm import vcpu_state
 from ..kvm.cpuid import CpuidEntry
 from ..policy.pagemap import PageMap
-from .machine import MAX_VCPUS, validate_memory
+from .machine import MAX_VCPUS, MissingCapabilityError, validate_memory
 from .vmm import RunOptions, Vmm
 
 VmState = namedtuple("VmState", "vcpus clock")
@@ -106,6 +106,14 @@ def cpuid_from(conf: dict) -> list[CpuidEntry]:
         raise BadInput(f"the configuration's CPUID table is malformed: {exc}") from None
 
 
+def _check_structs(conf: dict) -> None:
+    sizes = vcpu_state.struct_sizes()
+    theirs = conf.get("structs", {})
+    for name, size in theirs.items():
+        if name in sizes and sizes[name] != size and name != "struct kvm_xsave":
+            raise BadInput(f"{name} is {size} bytes in the stream, {sizes[name]} here")
+
+
 def build(kvm, conf: dict, origin: str, source: str, **overrides) -> Vmm:
     """A VM set up from a CONF section - RAM ready for pages, no vCPU started,
     no image (the restore path never resets a vCPU).
@@ -113,11 +121,7 @@ def build(kvm, conf: dict, origin: str, source: str, **overrides) -> Vmm:
     Raises:
         BadInput: a malformed configuration, or structs of another size.
     """
-    sizes = vcpu_state.struct_sizes()
-    theirs = conf.get("structs", {})
-    for name, size in theirs.items():
-        if name in sizes and sizes[name] != size and name != "struct kvm_xsave":
-            raise BadInput(f"{name} is {size} bytes in the stream, {sizes[name]} here")
+    _check_structs(conf)
     options = options_from(conf, **overrides)
     parent = (conf.get("source") or {}).get("run")
     vmm = Vmm(kvm, options, image=False, label=str(conf["vm"].get("label", "<restored>")),
@@ -127,6 +131,62 @@ def build(kvm, conf: dict, origin: str, source: str, **overrides) -> Vmm:
     except BaseException:
         vmm.close()
         raise
+    return vmm
+
+
+# What a VM prepared ahead of its stream must share with the stream's VM.
+SHAPE = ("memory", "vcpus", "migration_control", "map_gpa_range", "plain_memory", "fast_path")
+
+
+def prepare(kvm, shape: dict, origin: str, source: str, journal=None, **overrides) -> Vmm:
+    """A VM of ``shape`` (RunOptions fields: memory, vcpus ...) set up before
+    its stream arrives, as a QEMU destination is started with the source's
+    machine: the build is then off the migration's clock.  ``adopt`` gives
+    it the stream's configuration; the journal opens there, once the parent
+    run is known.
+
+    Raises:
+        ValueError: a shape out of range.
+    """
+    options = RunOptions(image=None, **shape)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(options, key, value)
+    vmm = Vmm(kvm, options, image=False, label="<incoming>", origin=origin, source=source)
+    try:
+        vmm.machine.launch()
+    except BaseException:
+        vmm.close()
+        raise
+    return vmm
+
+
+def adopt(vmm: Vmm, conf: dict, journal=None, name=None, **overrides) -> Vmm:
+    """The ``prepare``d VM, given the configuration of the stream's VM
+    (``journal``, ``name``: the command line's, as ``build`` takes them).
+
+    Raises:
+        BadInput: the stream's VM has another shape (the prepared VM is left
+            for the caller to close), a malformed configuration, structs of
+            another size, or a CPUID table this host cannot honour.
+    """
+    _check_structs(conf)
+    theirs = options_from(conf)
+    different = [f"{field.replace('_', '-')} {getattr(theirs, field)!r} (prepared: "
+                 f"{getattr(vmm.options, field)!r})"
+                 for field in SHAPE if getattr(theirs, field) != getattr(vmm.options, field)]
+    if different:
+        raise BadInput("the stream's VM is not the one this destination prepared: "
+                       + ", ".join(different))
+    try:
+        vmm.machine.set_cpuid(cpuid_from(conf))
+    except MissingCapabilityError as exc:
+        raise BadInput(str(exc)) from None
+    vmm.label = str(conf["vm"].get("label", "<restored>"))
+    vmm.parent = (conf.get("source") or {}).get("run")
+    vmm.options.name = name or theirs.name
+    if journal:
+        vmm.open_journal(journal)
     return vmm
 
 

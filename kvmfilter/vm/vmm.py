@@ -120,10 +120,21 @@ class Vmm:
         # guest runs: an unusable journal is refused up front.
         self.journal = None
         if options.journal:
-            from ..policy.journal import ReadinessJournal  # sqlite3 costs start-up time
-            self.journal = ReadinessJournal(options.journal, options.name, run=self.run_id,
-                                            origin=origin, source=source, parent=parent)
-            self.control.add_recorder(self.journal.record)
+            self.open_journal(options.journal)
+
+    def open_journal(self, path: str) -> None:
+        """Record every transition in the journal at ``path`` (before any guest
+        runs: at construction, or once a prepared VM knows its parent run).
+
+        Raises:
+            JournalError: the journal cannot be opened.
+        """
+        from ..policy.journal import ReadinessJournal  # sqlite3 costs start-up time
+        self.journal = ReadinessJournal(path, self.options.name, run=self.run_id,
+                                        origin=self.origin, source=self.source,
+                                        parent=self.parent)
+        self.options.journal = path
+        self.control.add_recorder(self.journal.record)
 
     # -- the lifecycle ------------------------------------------------------------
 

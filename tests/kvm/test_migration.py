@@ -22,8 +22,8 @@ from kvmfilter.policy.journal import ReadinessJournal
 OK = {"reason": "debug_exit", "code": 0, "detail": None}
 
 
-def destination(tmp, uri, **kw):
-    return DaemonProcess(tmp, "--incoming", uri, name=None, metrics=False,
+def destination(tmp, uri, *shape, **kw):
+    return DaemonProcess(tmp, "--incoming", uri, *shape, name=None, metrics=False,
                          socket_path=str(tmp / f"dst-{uuid.uuid4().hex[:6]}.sock"), **kw)
 
 
@@ -93,12 +93,15 @@ def test_a_running_guest_moves_and_finds_nothing_stale(kvm, short_tmp, guest, ex
         dst.kill()
 
 
-def test_the_readiness_record_and_journal_follow_the_guest(kvm, short_tmp):
+# A destination told the VM's shape builds it before the source connects, and
+# opens its journal only once the stream names the parent run.
+@pytest.mark.parametrize("shape", [[], ["--plain-memory"]], ids=["from-stream", "prepared"])
+def test_the_readiness_record_and_journal_follow_the_guest(kvm, short_tmp, shape):
     src = DaemonProcess(short_tmp, "bundled:readiness_cycle", "--plain-memory", name="db")
     uri = f"unix:{short_tmp / 'mig.sock'}"
     other = short_tmp / "other"
     other.mkdir()
-    dst = DaemonProcess(other, "--incoming", uri, name=None, metrics=False)
+    dst = DaemonProcess(other, "--incoming", uri, *shape, name=None, metrics=False)
     try:
         poll(lambda: src.query("query-migration-readiness")["return"]["transitions"] >= 2)
         info = migrate_when_ready(src, uri)
@@ -106,7 +109,10 @@ def test_the_readiness_record_and_journal_follow_the_guest(kvm, short_tmp):
         with ReadinessJournal(dst.journal, create=False) as j:
             runs = j.runs("db")
             rows = j.rows("db")
+        with ReadinessJournal(src.journal, create=False) as j:
+            parent = j.runs("db")[0].run
         assert [r.origin for r in runs] == ["incoming"] and runs[0].source == uri
+        assert runs[0].parent == parent
         carried = [r for r in rows if r.carried]
         assert carried and carried[-1].new == 1  # READY at the stop
         later = [r for r in rows if not r.carried]
@@ -322,9 +328,40 @@ def test_a_malformed_stream_to_incoming_runs_nothing(kvm, short_tmp, garbage):
         dst.kill()
 
 
+def test_a_prepared_destination_refuses_another_vm_and_takes_its_own(kvm, short_tmp):
+    src = DaemonProcess(short_tmp, "bundled:memcheck", "--vcpus", "2", "--plain-memory",
+                        metrics=False, journal=False)
+    uri = f"unix:{short_tmp / 'mig.sock'}"
+    wrong = DaemonProcess(short_tmp, "--incoming", uri, "--memory", "2M", "--vcpus", "2",
+                          "--plain-memory", name=None, metrics=False, journal=False,
+                          socket_path=str(short_tmp / "wrong.sock"))
+    try:
+        start_migration(src, uri)
+        info = wait_migration(src)
+        assert info["status"] == "failed"
+        assert "not the one this destination prepared" in info["error-desc"], info
+        assert "memory 1048576 (prepared: 2097152)" in info["error-desc"], info
+        assert "vcpus" not in info["error-desc"]  # only what differs is named
+        assert src.query("query-status")["return"]["status"] == "running"
+        assert wrong.proc.wait(10) == 1  # its incoming migration failed; nothing ran
+        assert "not the one this destination prepared" in wrong.log()
+        right = DaemonProcess(short_tmp, "--incoming", uri, "--vcpus", "2", "--plain-memory",
+                              name=None, metrics=False, journal=False,
+                              socket_path=str(short_tmp / "right.sock"))
+        try:
+            start_migration(src, uri)
+            assert wait_migration(src)["status"] == "completed"
+            assert final_check(right) == OK, right.log()  # memcheck: memory and registers
+        finally:
+            right.kill()
+    finally:
+        src.kill()
+        wrong.kill()
+
+
 def test_defer_then_migrate_incoming(kvm, short_tmp):
     src = DaemonProcess(short_tmp, "bundled:memcheck", "--plain-memory", metrics=False)
-    dst = destination(short_tmp, "defer", journal=False)
+    dst = destination(short_tmp, "defer", "--plain-memory", journal=False)  # prepared later
     uri = f"unix:{short_tmp / 'late.sock'}"
     try:
         assert dst.query("query-status")["return"]["status"] == "inmigrate"

@@ -116,6 +116,12 @@ def test_run_incoming_prints_the_usual_report(kvm, short_tmp):
     assert report["migration"]["value"] == 1
     bad = kvmfilter("run", "--incoming", f"file:{path}", "--memory", "16M")
     assert bad.returncode == 2 and "from the stream" in bad.stderr
+    # A snapshot restores the VM it holds: no shape to prepare; an image never.
+    sock = str(short_tmp / "s.sock")
+    for args in (["--incoming", f"file:{path}", "--memory", "16M"],
+                 ["bundled:hello", "--incoming", f"unix:{short_tmp / 'in.sock'}"]):
+        refused = kvmfilter("serve", *args, "--socket", sock)
+        assert refused.returncode == 2 and "from the stream" in refused.stderr, refused.stderr
 
 
 def test_the_gate_refuses_to_save_an_unready_guest(kvm, short_tmp):
