@@ -45,8 +45,10 @@ class KvmfilterGuest:
         self.socket = os.path.join(self.dir, "qmp.sock")
         self.incoming_path = os.path.join(self.dir, "in.sock")
         self.log = open(os.path.join(self.dir, "serve.log"), "w+")
-        what = (["--incoming", f"unix:{self.incoming_path}"] if incoming else
-                ["bundled:dirty_pages", "--memory", str(memory), "--plain-memory"])
+        # The destination is told the VM's shape, as QEMU's is started with
+        # the same -m: both build the VM before the source connects.
+        what = ((["--incoming", f"unix:{self.incoming_path}"] if incoming else
+                 ["bundled:dirty_pages"]) + ["--memory", str(memory), "--plain-memory"])
         self.proc = subprocess.Popen(kvmfilter_command() + ["--log-level", "warning", "serve", *what,
                                                      "--socket", self.socket],
                                      stdout=subprocess.DEVNULL, stderr=self.log)
