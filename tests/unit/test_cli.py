@@ -169,3 +169,36 @@ def test_every_open_failure_has_a_remedy():
         assert OPEN_HINTS[err]
     message = str(KvmError(errno.EACCES, "open /dev/kvm", OPEN_HINTS[errno.EACCES]))
     assert "Permission denied" in message and "kvm' group" in message
+
+
+EXIT_PROBE = ("import logging, sys; from kvmfilter.__main__ import _exit; logging.basicConfig(); "
+              "print('out', end=''); sys.stderr.write('err;'); "
+              "logging.getLogger('probe').warning('logged'); _exit({status!r})")
+
+
+@pytest.mark.parametrize("status, code", [(None, 0), (3, 3), ("bye", 1)])
+def test_the_command_exits_as_sys_exit_would(status, code):
+    # `kvmfilter` ends without interpreter teardown (35 ms): output and logs
+    # must still be flushed, and the status mapped as sys.exit maps it.
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", EXIT_PROBE.format(status=status)],
+                       capture_output=True, text=True)
+    assert (p.returncode, p.stdout) == (code, "out")
+    assert p.stderr.startswith("err;") and "logged" in p.stderr
+    assert ("bye" in p.stderr) == (status == "bye")
+
+
+def test_an_output_that_cannot_be_flushed_is_status_120():
+    import os
+    import subprocess
+    import sys
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the final flush fails (EPIPE), as `| head` gone early
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered
+    try:
+        p = subprocess.run([sys.executable, "-c", EXIT_PROBE.format(status=None)],
+                           stdout=w, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        os.close(w)
+    assert p.returncode == 120, p.stderr
