@@ -351,7 +351,9 @@ class MigrationJob:
             reason = str(exc)
         elif isinstance(exc, OSError):
             stalled = "timed out" in str(exc)
-            reason = (f"the stream to {self.uri} stalled for "
+            refused = None if stalled else self._refusal()
+            reason = (f"the destination refused the stream: {refused}" if refused else
+                      f"the stream to {self.uri} stalled for "
                       f"{self.params.stall_timeout / 1000:g} s" if stalled else
                       f"the stream to {self.uri} broke: {exc.strerror or exc}")
         else:
@@ -371,6 +373,19 @@ class MigrationJob:
         stats.total_time = time.monotonic() - stats.started
         log.warning("migration_failed", extra={"uri": str(self.uri), "error": reason})
         self._status("cancelled" if isinstance(exc, Cancelled) else "failed")
+
+    def _refusal(self) -> Optional[str]:
+        """Why the destination refused the stream, if it said so before it hung
+        up (a destination that refuses the configuration closes while round 1
+        is still being written: the write fails, its NAK! waits to be read)."""
+        if self._sock is None:
+            return None
+        try:
+            self._sock.settimeout(0.5)
+            tag, payload = stream.read_frame(self._inp)
+        except (OSError, EOFError, stream.StreamError):
+            return None
+        return _text(payload) if tag == stream.FAILED else None
 
     def _abandon_destination(self) -> None:
         sock = self._sock

@@ -17,6 +17,7 @@ import uuid
 import pytest
 
 from daemons import DaemonProcess, kvmfilter, kvmfilter_cmd, poll, short_tmp  # noqa: F401
+from kvmfilter.migrate import stream
 from kvmfilter.policy.journal import ReadinessJournal
 
 OK = {"reason": "debug_exit", "code": 0, "detail": None}
@@ -242,7 +243,9 @@ def test_destination_killed_mid_stream_then_a_second_migrate(kvm, short_tmp):
 
 
 class FakeDestination:
-    """A listener that misbehaves: hangs up at once, or never reads."""
+    """A listener that misbehaves: hangs up at once, refuses the stream at once
+    (NAK! with a reason, then hangs up, while the source is still writing), or
+    never reads."""
 
     def __init__(self, path, behaviour):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -256,6 +259,10 @@ class FakeDestination:
         conn, _ = self.sock.accept()
         if behaviour == "hang up":
             conn.close()
+        elif behaviour == "refuse":
+            reason = json.dumps({"error": "no room for this VM here"}).encode()
+            conn.sendall(stream.frame(stream.FAILED, reason))
+            conn.close()
         else:
             self.conns.append(conn)  # accept, then read nothing
 
@@ -267,6 +274,8 @@ class FakeDestination:
 
 @pytest.mark.parametrize("behaviour, needles", [
     ("hang up", ("broke", "the destination")),  # in a write, or waiting for READY
+    # The write fails (EPIPE), but the destination said why first: that is the error.
+    ("refuse", ("the destination refused the stream: no room for this VM here",)),
     ("stall", ("stalled",))])
 def test_a_misbehaving_destination_fails_the_migration_cleanly(kvm, short_tmp, behaviour,
                                                                 needles):
