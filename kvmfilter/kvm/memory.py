@@ -31,12 +31,6 @@ class GuestMemory:
                              f"outside {self.size:#x} bytes of guest memory")
         self.view[offset:offset + len(data)] = data
 
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or offset + length > self.size:
-            raise ValueError(f"read of {length} bytes at {offset:#x} "
-                             f"outside {self.size:#x} bytes of guest memory")
-        return self.view[offset:offset + length]
-
     def read_into(self, offset: int, out: memoryview) -> None:
         """Copy ``len(out)`` bytes at ``offset`` into ``out`` (one copy, no allocation)."""
         if offset < 0 or offset + len(out) > self.size:

@@ -216,10 +216,6 @@ def read_exactly(inp: BinaryIO, n: int) -> bytes:
 
 # -- section payloads ------------------------------------------------------------------
 
-def ram_payload(gpa: int, data: bytes) -> bytes:
-    return _U64.pack(gpa) + data
-
-
 def ram_head(gpa: int) -> bytes:
     """A RAM payload's first part; the pages follow (``Writer.section(RAM, head, pages)``)."""
     return _U64.pack(gpa)

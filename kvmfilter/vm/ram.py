@@ -68,9 +68,6 @@ class GuestRam:
         self.harvest()
         return self._written.to_bytes()
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self.memory.read(offset, length)
-
     def read_into(self, offset: int, out: memoryview) -> None:
         self.memory.read_into(offset, out)
 

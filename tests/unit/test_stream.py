@@ -20,7 +20,7 @@ def sample() -> bytes:
     w = Writer(out)
     w.header()
     w.json(stream.CONF, {"vm": {"memory": 1 << 20, "vcpus": 1}})
-    w.section(stream.RAM, stream.ram_payload(0x7000, b"\x42" * 4096))
+    w.section(stream.RAM, stream.ram_head(0x7000), b"\x42" * 4096)
     w.section(stream.ZERO, stream.zero_payload([(0x9000, 2)]))
     w.section(stream.PASS, stream.u32(1))
     w.section(stream.SYNC, stream.u32(1))
@@ -112,13 +112,13 @@ def test_unknown_sections():
         read_all(out.getvalue())
 
 
-def test_ram_payload_must_be_whole_pages_inside_memory():
+def test_a_ram_payload_must_be_whole_pages_inside_memory():
     with pytest.raises(StreamError, match="outside guest memory"):
-        stream.parse_ram(stream.ram_payload(1 << 20, bytes(4096)), 1 << 20)
+        stream.parse_ram(stream.ram_head(1 << 20) + bytes(4096), 1 << 20)
     with pytest.raises(StreamError, match="whole pages"):
-        stream.parse_ram(stream.ram_payload(0, bytes(100)), 1 << 20)
+        stream.parse_ram(stream.ram_head(0) + bytes(100), 1 << 20)
     with pytest.raises(StreamError, match="outside guest memory"):
-        stream.parse_ram(stream.ram_payload(0x800, bytes(4096)), 1 << 20)
+        stream.parse_ram(stream.ram_head(0x800) + bytes(4096), 1 << 20)
     with pytest.raises(StreamError, match="outside guest memory"):
         stream.parse_zero(stream.zero_payload([(0xF0000, 100)]), 1 << 20)
 
