@@ -93,6 +93,11 @@ def options_from(conf: dict, **overrides) -> RunOptions:
                              name=str(vm["name"]), fast_path=bool(vm.get("fast_path", True)))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInput(f"the configuration is malformed: {exc}") from None
+    return _overridden(options, overrides)
+
+
+def _overridden(options: RunOptions, overrides: dict) -> RunOptions:
+    """``options`` with the command line's ``overrides`` that are not None."""
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
@@ -138,7 +143,8 @@ def build(kvm, conf: dict, origin: str, source: str, **overrides) -> Vmm:
 SHAPE = ("memory", "vcpus", "migration_control", "map_gpa_range", "plain_memory", "fast_path")
 
 
-def prepare(kvm, shape: dict, origin: str, source: str, journal=None, **overrides) -> Vmm:
+def prepare(kvm, shape: dict, origin: str, source: str, journal=None,
+            **overrides) -> Vmm:  # journal: opened by adopt, once the parent is known
     """A VM of ``shape`` (RunOptions fields: memory, vcpus ...) set up before
     its stream arrives, as a QEMU destination is started with the source's
     machine: the build is then off the migration's clock.  ``adopt`` gives
@@ -148,10 +154,7 @@ def prepare(kvm, shape: dict, origin: str, source: str, journal=None, **override
     Raises:
         ValueError: a shape out of range.
     """
-    options = RunOptions(image=None, **shape)
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(options, key, value)
+    options = _overridden(RunOptions(image=None, **shape), overrides)
     vmm = Vmm(kvm, options, image=False, label="<incoming>", origin=origin, source=source)
     try:
         vmm.machine.launch()
