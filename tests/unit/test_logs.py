@@ -126,18 +126,22 @@ def python(code: str, env=None):
                           text=True, timeout=60, env=env)
 
 
+# A record with a traceback, in the given format; stdout: structlog's version.
+LOG_AN_EXCEPTION = """
+    import logging, sys
+    from importlib.metadata import version
+    from kvmfilter import logs
+    logs.configure("info", "{fmt}", stream=sys.stderr)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        logging.getLogger("kvmfilter.test").exception("it_failed", extra={{"vcpu": 3}})
+    print(version("structlog"))
+"""
+
+
 def test_tracebacks_are_structured_in_json():
-    p = python("""
-        import logging, sys
-        from kvmfilter import logs
-        logs.configure("info", "json", stream=sys.stderr)
-        try:
-            1 / 0
-        except ZeroDivisionError:
-            logging.getLogger("kvmfilter.test").exception("it_failed", extra={"vcpu": 3})
-        from importlib.metadata import version
-        print(version("structlog"))
-    """)
+    p = python(LOG_AN_EXCEPTION.format(fmt="json"))
     assert p.returncode == 0, p.stderr
     lines = p.stderr.splitlines()
     assert len(lines) == 1, p.stderr  # one JSON line, the traceback inside it
@@ -157,15 +161,7 @@ def test_tracebacks_are_structured_in_json():
 
 
 def test_console_keeps_the_traceback():
-    p = python("""
-        import logging, sys
-        from kvmfilter import logs
-        logs.configure("info", "console", stream=sys.stderr)
-        try:
-            1 / 0
-        except ZeroDivisionError:
-            logging.getLogger("kvmfilter.test").exception("it_failed")
-    """)
+    p = python(LOG_AN_EXCEPTION.format(fmt="console"))
     assert p.returncode == 0
     assert "it_failed" in p.stderr and "ZeroDivisionError: division by zero" in p.stderr
 
