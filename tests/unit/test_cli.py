@@ -202,3 +202,15 @@ def test_an_output_that_cannot_be_flushed_is_status_120():
     finally:
         os.close(w)
     assert p.returncode == 120, p.stderr
+
+
+def test_the_command_skips_the_interpreter_teardown():
+    # What the 35 ms are saved from: atexit handlers (and module teardown)
+    # never run after a command; its own output still arrives.
+    import subprocess
+    import sys
+    code = ("import atexit, os, sys; atexit.register(os.write, 2, b'teardown'); "
+            "sys.argv = ['kvmfilter', '--help']; from kvmfilter.__main__ import main; main()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and "Usage:" in p.stdout
+    assert "teardown" not in p.stderr
