@@ -276,3 +276,33 @@ def test_journal_continuity_across_a_restore(kvm, short_tmp):
     assert copied == before  # fewer than HISTORY_LIMIT transitions: all of them came
     p = kvmfilter("journal", journal)
     assert p.returncode == 0 and "restored from file:" in p.stdout
+
+
+def test_a_deferred_destination_prepared_for_a_shape_restores_only_that_shape(kvm,
+                                                                              short_tmp):
+    # serve --incoming defer with a shape, then migrate-incoming file:: the
+    # snapshot fills the prepared VM, or is refused for another shape.
+    src = DaemonProcess(short_tmp, "bundled:memcheck", "--plain-memory", journal=False)
+    path = str(short_tmp / "vm.kvmf")
+    try:
+        time.sleep(0.5)
+        save(src, path)
+    finally:
+        src.kill()
+    wrong = DaemonProcess(short_tmp, "--incoming", "defer", "--memory", "4M", "--plain-memory",
+                          journal=False, name=None, socket_path=str(short_tmp / "w.sock"))
+    try:
+        assert wrong.query("migrate-incoming", {"uri": f"file:{path}"}) == {"return": {}}
+        assert wrong.proc.wait(10) == 1
+        assert "memory 1048576 (prepared: 4194304)" in wrong.log()
+    finally:
+        wrong.kill()
+    right = DaemonProcess(short_tmp, "--incoming", "defer", "--plain-memory", journal=False,
+                          name=None, socket_path=str(short_tmp / "r.sock"))
+    try:
+        assert right.query("migrate-incoming", {"uri": f"file:{path}"}) == {"return": {}}
+        poll(lambda: right.query("query-status")["return"]["status"] == "running",
+             what="the restore")
+        assert power_off_and_check(right)["code"] == 0
+    finally:
+        right.kill()
