@@ -135,18 +135,13 @@ def _parse_vcpu(payload: bytes, nvcpus: int, seen: dict) -> tuple[int, CpuState]
     return index, CpuState(blobs, msrs)
 
 
-def restore_file(kvm, path: str, prepared=None, **overrides):
+def restore_file(kvm, path: str, prepare=None, **overrides):
     """A VM from a snapshot file (``file:PATH``); (vmm, facts), not started.
-    ``prepared``: as for ``receive`` (closed if the file does not open)."""
-    try:
-        f = open_snapshot(path)
-    except BaseException:
-        if prepared is not None:
-            prepared.close()
-        raise
-    with f:
+    ``prepare()``: builds the VM ``receive`` takes as ``prepared``, once the
+    file has opened."""
+    with open_snapshot(path) as f:
         return receive(kvm, stream.Reader(f), "restore", f"file:{path}",
-                       prepared=prepared, **overrides)
+                       prepared=prepare() if prepare else None, **overrides)
 
 
 class Incoming:
@@ -181,9 +176,9 @@ class Incoming:
     def run(self):
         self.on_event("MIGRATION", {"status": "setup"})
         if self.uri.scheme == "file":
-            prepared = self._prepare() if self.prepare is not None else None
-            vmm, self.facts = restore_file(self.kvm, self.uri.path, prepared=prepared,
-                                           **self.overrides)
+            vmm, self.facts = restore_file(
+                self.kvm, self.uri.path, self._prepare if self.prepare else None,
+                **self.overrides)
             try:
                 self.before_start(vmm)
                 vmm.start(self.kvm)
