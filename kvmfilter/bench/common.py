@@ -32,6 +32,17 @@ def interleave(cases: dict, rounds: int) -> dict:
     return samples
 
 
+def marginal(measure, count):
+    """A case whose sample is the cost per unit, (T(2n) - T(n)) / n in ns, with
+    the CPU share of the longer run: ``measure(k)`` runs k units and returns
+    seconds.  Set-up, thread start and any first-accesses slow path cancel out."""
+    def sample():
+        (short, _), (long, share) = timed(lambda: measure(count))(), \
+            timed(lambda: measure(2 * count))()
+        return (long - short) / count * 1e9, share
+    return sample
+
+
 def kvmfilter_command() -> list[str]:
     """How to start this installation's ``kvmfilter`` (its script, else ``-m``)."""
     exe = shutil.which("kvmfilter", path=os.path.dirname(sys.executable))

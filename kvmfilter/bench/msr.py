@@ -26,7 +26,7 @@ from ..kvm import abi
 from ..kvm.baseline import c_loop
 from ..policy.readiness import MSR_KVM_MIGRATION_CONTROL
 from ..vm.vmm import RunOptions, Vmm
-from .common import interleave, summarize, timed
+from .common import interleave, marginal, summarize, timed
 
 MSR_KVM_POLL_CONTROL = abi.MSR_KVM_POLL_CONTROL
 WRMSR_OPCODE, RDMSR_OPCODE = "0f30", "0f32"
@@ -83,15 +83,6 @@ class MsrBench:
             raise RuntimeError(f"the C loop serviced {n} exits, expected {exits}")
         return elapsed
 
-    @staticmethod
-    def _marginal(measure, count):
-        """ns per exit: (T(2n) - T(n)) / n, with the CPU share of the longer run."""
-        def sample():
-            (short, _), (long, share) = timed(lambda: measure(count))(), \
-                timed(lambda: measure(2 * count))()
-            return (long - short) / count * 1e9, share
-        return sample
-
     def _report(self, samples: dict, baseline: str, subject: str) -> dict:
         out = {}
         for name, values in samples.items():
@@ -104,13 +95,13 @@ class MsrBench:
         """The same value every time: served by the C fast path after the first."""
         n, trapped = self.exits, MSR_KVM_MIGRATION_CONTROL
         cases = {
-            "kvmfilter": self._marginal(
+            "kvmfilter": marginal(
                 lambda k: self._vmm_s(msr_loop(trapped, insn, k)), n),
-            "c_loop": self._marginal(
+            "c_loop": marginal(
                 lambda k: self._c_loop_s(msr_loop(trapped, insn, k), k), n),
-            "in_kernel": self._marginal(
+            "in_kernel": marginal(
                 lambda k: self._vmm_s(msr_loop(MSR_KVM_POLL_CONTROL, insn, k)), n),
-            "kvmfilter_no_fast_path": self._marginal(
+            "kvmfilter_no_fast_path": marginal(
                 lambda k: self._vmm_s(msr_loop(trapped, insn, k), fast_path=False),
                 max(1000, n // 4)),
             # The whole run per exit, set-up included: what a user's run costs.
@@ -129,7 +120,7 @@ class MsrBench:
         journaled = 40  # each commit is an fsync: milliseconds, not microseconds
 
         def per_write(measure, count):
-            sample = self._marginal(measure, count)
+            sample = marginal(measure, count)
             return lambda: (lambda v: (v[0] / 2, v[1]))(sample())
 
         with tempfile.TemporaryDirectory(prefix="kvmf-bench-") as tmp:

@@ -13,7 +13,7 @@ import tracemalloc
 from ..policy.pagemap import PageMap
 from ..policy.readiness import MSR_KVM_MIGRATION_CONTROL
 from ..vm.vmm import RunOptions, Vmm
-from .common import interleave, kvmfilter_command, summarize, timed
+from .common import interleave, kvmfilter_command, marginal, summarize
 from .msr import WRMSR_OPCODE, msr_loop
 
 
@@ -51,19 +51,28 @@ def startup(rounds: int) -> dict:
 
 def vcpu_scaling(kvm, exits: int, rounds: int) -> dict:
     """1, 2 and 4 vCPUs each looping WRMSR: exits per second over all vCPUs, and
-    the CPU share each case got (2 vCPUs on a 2-core host need both cores)."""
+    the CPU share each case got (2 vCPUs on a 2-core host need both cores).
+
+    Judged on the marginal cost, (T(2n) - T(n)) / n as the MSR cases: the
+    first 1,024 accesses of a run are logged in Python, one vCPU at a time
+    under the GIL, and with set-up and thread start they would be counted as
+    if they were the exit path.  The whole run's figure is reported beside it.
+    """
     n = max(2000, exits // 2)
-    image = msr_loop(MSR_KVM_MIGRATION_CONTROL, WRMSR_OPCODE, n, halt=True)
+    whole: dict = {k: [] for k in (1, 2, 4)}
 
     def case(vcpus):
-        def run():
+        def run(count):
+            image = msr_loop(MSR_KVM_MIGRATION_CONTROL, WRMSR_OPCODE, count, halt=True)
             with Vmm(None, RunOptions(timeout=300, vcpus=vcpus), image=image,
                      label="<bench>") as v:
                 result = v.run(kvm)
             if result.exit.reason != "hlt":
                 raise RuntimeError(f"scaling guest stopped with {result.exit}")
-            return result.elapsed_s / (vcpus * n) * 1e9
-        return timed(run)
+            if count == 2 * n:
+                whole[vcpus].append(result.elapsed_s / (vcpus * count) * 1e9)
+            return result.elapsed_s / vcpus  # per exit of all vCPUs together
+        return marginal(run, n)
 
     samples = interleave({f"{k}_vcpus": case(k) for k in (1, 2, 4)}, rounds)
     out: dict = {}
@@ -71,9 +80,12 @@ def vcpu_scaling(kvm, exits: int, rounds: int) -> dict:
         out[name] = summarize([v for v, _ in values], "ns")
         out[name]["median_exits_per_s"] = 1e9 / out[name]["median_ns"]
         out[name]["cpu_share"] = round(statistics.median(s for _, s in values), 3)
+        out[name]["whole_run_ns"] = statistics.median(whole[int(name[0])])
     one = out["1_vcpus"]["median_exits_per_s"]
     out["speedup_2_vs_1"] = out["2_vcpus"]["median_exits_per_s"] / one
     out["speedup_4_vs_1"] = out["4_vcpus"]["median_exits_per_s"] / one
+    out["speedup_2_vs_1_whole_run"] = (out["1_vcpus"]["whole_run_ns"]
+                                       / out["2_vcpus"]["whole_run_ns"])
     out["exits_per_vcpu"] = n
     out["host_cpus"] = os.cpu_count()
     return out
