@@ -1,7 +1,12 @@
 """The stream format (docs/stream-format.md) without KVM: what is written reads
 back, and every kind of damage is refused, naming the section."""
 import io
+import os
+import pathlib
+import shutil
+import socket
 import struct
+import tempfile
 import zlib
 
 import pytest
@@ -10,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvmfilter.base import BadInput
 from kvmfilter.kvm.checksum import crc32c
-from kvmfilter.migrate import precopy, stream
+from kvmfilter.migrate import precopy, stream, transport
 from kvmfilter.migrate.stream import Reader, StreamError, Writer
 from kvmfilter.migrate.transport import UriError, parse_uri
 
@@ -201,6 +206,26 @@ def test_uris(text, parsed):
 def test_bad_uris(text):
     with pytest.raises(UriError):
         parse_uri(text)
+
+
+def test_a_unix_migration_socket_holds_a_stop_and_copy_in_flight():
+    """The send buffer is widened past net.core.wmem_default (208 KiB), so the
+    source does not wait for the destination every 200 KiB while the guest is
+    stopped: outright when privileged, else as far as wmem_max allows."""
+    directory = tempfile.mkdtemp(prefix="kvmf-")
+    uri = parse_uri(f"unix:{directory}/m.sock")
+    listener = transport.listen(uri)
+    try:
+        with transport.connect(uri, 5.0) as sock:
+            got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # twice the size set
+        wmem_max = int(pathlib.Path("/proc/sys/net/core/wmem_max").read_text())
+        allowed = {2 * transport.UNIX_SEND_BUFFER, 2 * min(transport.UNIX_SEND_BUFFER, wmem_max)}
+        assert got in allowed, (got, allowed)
+        if os.geteuid() == 0:
+            assert got == 2 * transport.UNIX_SEND_BUFFER
+    finally:
+        listener.close()
+        shutil.rmtree(directory)
 
 
 def test_crc_covers_the_header():
