@@ -74,13 +74,14 @@ def vcpu_scaling(kvm, exits: int, rounds: int) -> dict:
             return result.elapsed_s / vcpus  # per exit of all vCPUs together
         return marginal(run, n)
 
-    samples = interleave({f"{k}_vcpus": case(k) for k in (1, 2, 4)}, rounds)
+    samples = interleave({k: case(k) for k in (1, 2, 4)}, rounds)
     out: dict = {}
-    for name, values in samples.items():
+    for k, values in samples.items():
+        name = f"{k}_vcpus"
         out[name] = summarize([v for v, _ in values], "ns")
         out[name]["median_exits_per_s"] = 1e9 / out[name]["median_ns"]
         out[name]["cpu_share"] = round(statistics.median(s for _, s in values), 3)
-        out[name]["whole_run_ns"] = statistics.median(whole[int(name[0])])
+        out[name]["whole_run_ns"] = statistics.median(whole[k])
     one = out["1_vcpus"]["median_exits_per_s"]
     out["speedup_2_vs_1"] = out["2_vcpus"]["median_exits_per_s"] / one
     out["speedup_4_vs_1"] = out["4_vcpus"]["median_exits_per_s"] / one
