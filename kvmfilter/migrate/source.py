@@ -216,9 +216,11 @@ class MigrationJob:
         if tag != stream.SYNCED or payload != stream.u32(self.stats.rounds):
             raise MigrationError(f"pre-copy: unexpected {tag!r} from the destination")
 
-    def _phase(self, name: str) -> None:
-        """Close the downtime phase ``name`` (x-downtime-phases, in ms)."""
-        now = time.monotonic()
+    def _phase(self, name: str, now: Optional[float] = None) -> None:
+        """Close the downtime phase ``name`` (x-downtime-phases, in ms), now or
+        at ``now``."""
+        if now is None:
+            now = time.monotonic()
         self.stats.stop_phases[name] = now - self._phase_start
         self._phase_start = now
 
@@ -314,18 +316,21 @@ class MigrationJob:
         if tag != stream.READY:
             raise MigrationError(f"commit: unexpected {tag!r} from the destination")
         self._check()
+        # The point of no return: once COMMIT is sent the guest belongs to the
+        # destination. QEMU's downtime ends at the source's completion; so does
+        # ours (and ours already includes the destination loading everything).
+        # Taken before the send: the destination, woken by it, may take this
+        # thread's core for a millisecond before the send returns - its guest
+        # already running, which the downtime must not count.
+        committed = time.monotonic()
         try:
             sock.sendall(stream.frame(stream.COMMIT))
         except OSError as exc:
             raise MigrationError(f"commit: cannot send COMMIT: {exc.strerror or exc}") \
                 from None
-        # The point of no return: the guest now belongs to the destination.
-        # QEMU's downtime ends at the source's completion; so does ours (and
-        # ours already includes the destination loading everything).
-        now = time.monotonic()
-        self.stats.downtime = now - self.stats.stop_at
-        self.stats.total_time = now - self.stats.started  # as QEMU's: the source's part ends
-        self._phase("destination-load")
+        self.stats.downtime = committed - self.stats.stop_at
+        self.stats.total_time = committed - self.stats.started  # as QEMU's: the source's part ends
+        self._phase("destination-load", committed)
         self.moved = True
         self.vmm.set_state(RunState.POSTMIGRATE)
         try:
