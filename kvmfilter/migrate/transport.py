@@ -201,8 +201,11 @@ def _widen_send_buffer(sock: socket.socket) -> None:
     """
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, UNIX_SEND_BUFFER)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+    except OSError:  # EPERM: not privileged
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+        except OSError as exc:  # the default buffer works, only slower
+            log.debug("send_buffer_not_widened", extra={"error": str(exc)})
 
 
 def listen(uri: Uri) -> socket.socket:
