@@ -29,6 +29,17 @@ def save(d: DaemonProcess, path: str):
     return json.loads(p.stdout)
 
 
+def snapshot_of(sock_dir, path: str, *args, settle: float = 0.5):
+    """Boot a daemon with ``args``, let its guest run ``settle`` s, save it to
+    ``path`` and stop it; ``migrate --json``'s answer."""
+    src = DaemonProcess(sock_dir, *args, journal=False)
+    try:
+        time.sleep(settle)
+        return save(src, path)
+    finally:
+        src.kill()
+
+
 def power_off_and_check(d: DaemonProcess):
     """Press the power button; the guest's final check decides the exit code."""
     assert d.query("system_powerdown") == {"return": {}}
@@ -100,14 +111,9 @@ def test_a_guest_that_wrote_ready_reads_ready_after_a_restore(kvm, short_tmp):
 
 
 def test_run_incoming_prints_the_usual_report(kvm, short_tmp):
-    src = DaemonProcess(short_tmp, "bundled:memcheck64", "--memory", "8M", "--plain-memory",
-                        journal=False)
     path = str(short_tmp / "vm.kvmf")
-    try:
-        time.sleep(1.0)
-        save(src, path)
-    finally:
-        src.kill()
+    snapshot_of(short_tmp, path, "bundled:memcheck64", "--memory", "8M", "--plain-memory",
+                settle=1.0)
     p = kvmfilter("run", "--incoming", f"file:{path}", "--timeout", "1.5", "--json")
     report = json.loads(p.stdout)
     # memcheck64 runs until its power button: a timeout, never a failed check.
@@ -182,13 +188,8 @@ def snapshot(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("snap")
     sock_dir = tempfile.mkdtemp(prefix="kvmf-")
     import pathlib
-    d = DaemonProcess(pathlib.Path(sock_dir), "bundled:memcheck", "--vcpus", "2",
-                      "--plain-memory", journal=False)
-    try:
-        time.sleep(0.5)
-        save(d, str(tmp / "good.kvmf"))
-    finally:
-        d.kill()
+    snapshot_of(pathlib.Path(sock_dir), str(tmp / "good.kvmf"), "bundled:memcheck",
+                "--vcpus", "2", "--plain-memory")
     return str(tmp / "good.kvmf"), tmp
 
 
@@ -211,15 +212,10 @@ def test_damaged_files_are_refused_everywhere_with_exit_2(kvm, snapshot, short_t
 def test_a_64_gib_guest_that_touched_little_makes_a_small_file(kvm, short_tmp):
     """Untouched memory is neither read nor written: the file follows what the
     guest touched (MAP_NORESERVE memory is never faulted in by a scan)."""
-    d = DaemonProcess(short_tmp, "bundled:memcheck64", "--memory", "64G", "--plain-memory",
-                      journal=False)
     path = str(short_tmp / "big.kvmf")
-    try:
-        time.sleep(1.0)
-        info = save(d, path)
-        assert info["ram"]["total"] == 64 << 30
-    finally:
-        d.kill()
+    info = snapshot_of(short_tmp, path, "bundled:memcheck64", "--memory", "64G",
+                       "--plain-memory", settle=1.0)
+    assert info["ram"]["total"] == 64 << 30
     assert os.path.getsize(path) < 4 << 20
     dst = DaemonProcess(short_tmp, "--incoming", f"file:{path}", journal=False,
                         socket_path=str(short_tmp / "r.sock"))
@@ -282,13 +278,8 @@ def test_a_deferred_destination_prepared_for_a_shape_restores_only_that_shape(kv
                                                                               short_tmp):
     # serve --incoming defer with a shape, then migrate-incoming file:: the
     # snapshot fills the prepared VM, or is refused for another shape.
-    src = DaemonProcess(short_tmp, "bundled:memcheck", "--plain-memory", journal=False)
     path = str(short_tmp / "vm.kvmf")
-    try:
-        time.sleep(0.5)
-        save(src, path)
-    finally:
-        src.kill()
+    snapshot_of(short_tmp, path, "bundled:memcheck", "--plain-memory")
     wrong = DaemonProcess(short_tmp, "--incoming", "defer", "--memory", "4M", "--plain-memory",
                           journal=False, name=None, socket_path=str(short_tmp / "w.sock"))
     try:
