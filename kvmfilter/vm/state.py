@@ -127,12 +127,22 @@ def build(kvm, conf: dict, origin: str, source: str, **overrides) -> Vmm:
         BadInput: a malformed configuration, or structs of another size.
     """
     _check_structs(conf)
-    options = options_from(conf, **overrides)
-    parent = (conf.get("source") or {}).get("run")
-    vmm = Vmm(kvm, options, image=False, label=str(conf["vm"].get("label", "<restored>")),
-              cpuid=cpuid_from(conf), origin=origin, source=source, parent=parent)
+    label, parent = _lineage(conf)
+    return _launched(Vmm(kvm, options_from(conf, **overrides), image=False, label=label,
+                         cpuid=cpuid_from(conf), origin=origin, source=source,
+                         parent=parent))
+
+
+def _lineage(conf: dict) -> tuple[str, object]:
+    """(label, parent run) of the stream's VM."""
+    return str(conf["vm"].get("label", "<restored>")), (conf.get("source") or {}).get("run")
+
+
+def _launched(vmm: Vmm) -> Vmm:
+    """``vmm`` with its vCPU threads waiting (they wait while the state loads),
+    or closed if that fails."""
     try:
-        vmm.machine.launch()  # the vCPU threads wait while the state loads
+        vmm.machine.launch()
     except BaseException:
         vmm.close()
         raise
@@ -155,13 +165,8 @@ def prepare(kvm, shape: dict, origin: str, source: str, journal=None,
         ValueError: a shape out of range.
     """
     options = _overridden(RunOptions(image=None, **shape), overrides)
-    vmm = Vmm(kvm, options, image=False, label="<incoming>", origin=origin, source=source)
-    try:
-        vmm.machine.launch()
-    except BaseException:
-        vmm.close()
-        raise
-    return vmm
+    return _launched(Vmm(kvm, options, image=False, label="<incoming>", origin=origin,
+                         source=source))
 
 
 def adopt(vmm: Vmm, conf: dict, journal=None, name=None, **overrides) -> Vmm:
@@ -185,8 +190,7 @@ def adopt(vmm: Vmm, conf: dict, journal=None, name=None, **overrides) -> Vmm:
         vmm.machine.set_cpuid(cpuid_from(conf))
     except MissingCapabilityError as exc:
         raise BadInput(str(exc)) from None
-    vmm.label = str(conf["vm"].get("label", "<restored>"))
-    vmm.parent = (conf.get("source") or {}).get("run")
+    vmm.label, vmm.parent = _lineage(conf)
     vmm.options.name = name or theirs.name
     if journal:
         vmm.open_journal(journal)
