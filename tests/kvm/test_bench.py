@@ -62,9 +62,11 @@ def test_vcpu_scaling_reports_speedups_and_cpu_share(kvm):
     for case in ("1_vcpus", "2_vcpus", "4_vcpus"):
         assert {"median_ns", "median_exits_per_s", "cpu_share"} <= set(out[case])
         assert 0 < out[case]["cpu_share"] <= out["host_cpus"] + 0.5
-        # The marginal cost and the whole run's (one sample each here: which
-        # is lower is up to the host's noise at 2,000 exits).
-        assert out[case]["median_ns"] > 0 and out[case]["whole_run_ns"] > 0
+        # One sample of the marginal cost at 2,000 exits can come out negative on
+        # a noisy host (the target then says UNRELIABLE): only its shape is
+        # checked here.  A whole run always takes time.
+        assert isinstance(out[case]["median_ns"], float) and out[case]["whole_run_ns"] > 0
+        assert out[case]["median_exits_per_s"] == 1e9 / out[case]["median_ns"]
     assert out["speedup_2_vs_1_whole_run"] > 0
 
 

@@ -13,7 +13,8 @@ def report(**over):
         "wrmsr_transition": {"ratio_vs_c": 1.4, "kvmfilter": {"cpu_share": 1.0, "median_ns": 7},
                              "c_loop": {"median_ns": 5}},
         "startup": {"kvmfilter_run": {"median_s": 0.1}},
-        "vcpu_scaling": {"speedup_2_vs_1": 1.7, "2_vcpus": {"cpu_share": 1.95}},
+        "vcpu_scaling": {"speedup_2_vs_1": 1.7, "1_vcpus": {"median_ns": 4000},
+                         "2_vcpus": {"cpu_share": 1.95, "median_ns": 2350}},
         "page_map": {"median_s": 3.0},
         "migration": {"8G": {"kvmfilter": {"paused_ms": ms(4), "total_ms": ms(100)},
                              "qemu": {"paused_ms": ms(5), "total_ms": ms(600)},
@@ -43,8 +44,9 @@ def test_each_target_is_judged():
     assert s["snapshot 64G (a few MiB touched): save + restore (s)"] == "MISS"  # 1.1 s
 
 
-def scaling_target(speedup, cpu_share):
-    r = report(vcpu_scaling={"speedup_2_vs_1": speedup, "2_vcpus": {"cpu_share": cpu_share}})
+def scaling_target(speedup, cpu_share, ns=(4000, 2000)):
+    r = report(vcpu_scaling={"speedup_2_vs_1": speedup, "1_vcpus": {"median_ns": ns[0]},
+                             "2_vcpus": {"cpu_share": cpu_share, "median_ns": ns[1]}})
     [t] = [t for t in bench.targets(r) if t["name"].startswith("2 vCPUs")]
     return t
 
@@ -73,6 +75,9 @@ def test_a_negative_marginal_cost_is_unreliable_not_a_pass():
                       "c_loop": {"median_ns": 7000}})
     [t] = [t for t in bench.targets(r) if t["name"].startswith("wrmsr, same")]
     assert t["status"] == "UNRELIABLE" and "kvmfilter came out <= 0" in t["reason"]
+    # The same for the scaling case, whose speedup is a ratio of marginal costs.
+    t = scaling_target(-3.0, 1.95, ns=(4000, -1300))
+    assert t["status"] == "UNRELIABLE" and "2_vcpus came out <= 0" in t["reason"]
 
 
 def test_the_marginal_cost_leaves_out_what_every_run_pays_once():
