@@ -243,7 +243,7 @@ def _ms(s: dict) -> str:
 def _move(case: dict) -> list[str]:
     def vmm(name, c):
         return (f"{name:<9} stopped {_ms(c['paused_ms'])}, downtime {_ms(c['downtime_ms'])}, "
-                f"total {_ms(c['total_ms'])}, sent "
+                f"total {_ms(c['total_ms'])}, move {_ms(c['move_ms'])}, sent "
                 f"{c['transferred_bytes']['median_bytes'] / MIB:.1f} MiB")
     lines = [vmm("kvmfilter", case["kvmfilter"])]
     q = case["qemu"]
@@ -251,4 +251,5 @@ def _move(case: dict) -> list[str]:
         return lines + [f"QEMU: {q['missing']}"]
     return lines + [vmm("QEMU", q),
                     f"kvmfilter / QEMU: stopped {case['ratio_paused']:.2f}, downtime "
-                    f"{case['ratio_downtime']:.2f}, total {case['ratio_total']:.2f}"]
+                    f"{case['ratio_downtime']:.2f}, total {case['ratio_total']:.2f}, move "
+                    f"{case['ratio_move']:.2f}"]

@@ -92,21 +92,18 @@ def _event_time(ev: dict) -> float:
     return ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
 
 
-def stop_to_resume_ms(source, dest, timeout: float = 5.0) -> float:
-    """How long the guest was stopped, the same way for both VMMs: from the
-    source's STOP event to the destination's RESUME event (QMP timestamps,
-    one host clock).  ``source``, ``dest``: connected ``QmpClient``s, the
-    source's connected before ``migrate``."""
-    def find(client, name):
-        deadline = time.monotonic() + timeout
-        while True:
-            for ev in client.events:
-                if ev.get("event") == name:
-                    return _event_time(ev)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no {name} event within {timeout:g} s")
-            client.execute("query-status")  # collects the events sent meanwhile
-    return (find(dest, "RESUME") - find(source, "STOP")) * 1000
+def event_time(client, name: str, timeout: float = 5.0) -> float:
+    """When ``client``'s VMM sent its first event ``name`` (QMP timestamp:
+    the host's wall clock, the same for both VMMs and for this process);
+    waits for it, collecting events with ``query-status``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for ev in client.events:
+            if ev.get("event") == name:
+                return _event_time(ev)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {name} event within {timeout:g} s")
+        client.execute("query-status")  # collects the events sent meanwhile
 
 
 MIGRATION_ENDS = ("completed", "failed", "cancelled")
@@ -121,7 +118,13 @@ def migrate_over_qmp(source, dest, uri: str, params: dict, who: str, timeout: fl
     ``failed(message)`` makes the exception for a migration that did not
     complete (QEMU's adds its destination's log).
 
-    Returns the numbers both VMMs report, and ``paused_ms`` (``stop_to_resume_ms``).
+    Returns the numbers both VMMs report, and two measured the same way for
+    both, on one clock: ``paused_ms``, how long the guest was stopped (the
+    source's STOP event to the destination's RESUME), and ``move_ms``, how
+    long the move took (``migrate`` sent to the destination's RESUME).  Each
+    VMM's own ``total-time`` ends at its source's completion: QEMU's before
+    its destination has loaded the device state, kvmfilter's after its
+    destination has loaded everything.
     """
     def execute(client, command, arguments=None):
         reply = client.execute(command, arguments)
@@ -131,6 +134,7 @@ def migrate_over_qmp(source, dest, uri: str, params: dict, who: str, timeout: fl
 
     execute(source, "migrate-set-parameters", params)
     source.events.clear()  # the STOP to look for is the one this migration sends
+    began = time.time()
     execute(source, "migrate", {"uri": uri})
     deadline = time.monotonic() + timeout
     while (info := execute(source, "query-migrate")).get("status") not in MIGRATION_ENDS:
@@ -147,8 +151,10 @@ def migrate_over_qmp(source, dest, uri: str, params: dict, who: str, timeout: fl
         if time.monotonic() > end:
             raise RuntimeError(f"{who} destination is {state!r} after migration")
         time.sleep(POLL_S)
+    resumed = event_time(dest, "RESUME")
     return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
-            "paused_ms": stop_to_resume_ms(source, dest),
+            "paused_ms": (resumed - event_time(source, "STOP")) * 1000,
+            "move_ms": (resumed - began) * 1000,
             "downtime_to_started_ms": info.get("x-downtime-to-started"),
             "setup_ms": info.get("setup-time"),
             "transferred_bytes": info.get("ram", {}).get("transferred"),

@@ -12,7 +12,10 @@ and ``downtime`` (QEMU's definition: from stopping the guest to the source's
 completion).  kvmfilter's source completes only after the destination has
 loaded everything and said READY, so its downtime includes the destination's
 load; QEMU's does not.  ``x-downtime-to-started`` adds the destination's
-start (kvmfilter only).
+start (kvmfilter only).  So two more are measured the same way for both, on
+one host clock, from QMP event timestamps: ``paused_ms`` (the source's STOP
+to the destination's RESUME) and ``move_ms`` (``migrate`` sent to the
+destination's RESUME: how long a move takes, both destinations' work in).
 """
 from __future__ import annotations
 
@@ -154,7 +157,7 @@ def _qmp(guest, command: str) -> None:
 
 def _summary(results: list[dict]) -> dict:
     out = {}
-    for key in ("downtime_ms", "total_ms", "paused_ms", "downtime_to_started_ms",
+    for key in ("downtime_ms", "total_ms", "paused_ms", "move_ms", "downtime_to_started_ms",
                 "transferred_bytes"):
         values = [r[key] for r in results if r.get(key) is not None]
         if values:
@@ -187,7 +190,7 @@ def side_by_side(sizes: list[int], rounds: int, workdir: str) -> dict:
             case["qemu"] = {"missing": qemu.MISSING_HINT}
         else:
             for key, ratio in (("downtime_ms", "ratio_downtime"), ("total_ms", "ratio_total"),
-                               ("paused_ms", "ratio_paused")):
+                               ("paused_ms", "ratio_paused"), ("move_ms", "ratio_move")):
                 # Both report whole milliseconds: 0 ms counts as 1.
                 case[ratio] = (max(case["kvmfilter"][key]["median_ms"], 1)
                                / max(case["qemu"][key]["median_ms"], 1))

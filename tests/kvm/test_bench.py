@@ -80,7 +80,7 @@ def test_migration_side_by_side(kvm, short_tmp):  # noqa: F811
     out = migration.side_by_side([1 * MIB], rounds=2, workdir=str(short_tmp))
     case = out["1M"]
     k = case["kvmfilter"]
-    for key in ("downtime_ms", "total_ms", "paused_ms", "transferred_bytes"):
+    for key in ("downtime_ms", "total_ms", "paused_ms", "move_ms", "transferred_bytes"):
         assert k[key]["samples"] == 2
     # The guest's 128 pages go at least once.  The stop-to-resume interval
     # covers the source's downtime but its first phase: the STOP event goes
@@ -90,12 +90,19 @@ def test_migration_side_by_side(kvm, short_tmp):  # noqa: F811
     pause = k["downtime_phases_ms"]["pause"]["max"]
     assert k["paused_ms"]["min"] >= k["downtime_ms"]["min"] - pause - 1
     assert k["paused_ms"]["max"] <= k["total_ms"]["max"]
+    # A move spans both: it begins as `migrate` is sent (before the source's
+    # total-time and its stop begin) and ends with the destination's RESUME
+    # (after the source's COMMIT; total-time is in whole ms).
+    for stat in ("min", "max"):
+        assert k["move_ms"][stat] > k["paused_ms"][stat]
+        assert k["move_ms"][stat] >= k["total_ms"][stat] - 1
     if qemu.qemu_binary() is None:
         assert "apt-get install qemu-system-x86" in case["qemu"]["missing"]
         assert "ratio_downtime" not in case
     else:
         assert case["qemu"]["total_ms"]["samples"] == 2
         assert case["ratio_total"] > 0 and case["ratio_downtime"] > 0
+        assert case["qemu"]["move_ms"]["samples"] == 2 and case["ratio_move"] > 0
 
 
 def test_migration_cost_follows_what_was_touched(kvm, short_tmp):  # noqa: F811
