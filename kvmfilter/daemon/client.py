@@ -26,6 +26,10 @@ class NoServerError(QmpClientError):
     """Nothing serves the socket path."""
 
 
+class QmpTimeout(QmpClientError):
+    """No complete message within the client's timeout."""
+
+
 def connect_unix(path: str, timeout: Optional[float]) -> socket.socket:
     """Connect to ``path``, waiting up to ``timeout`` while its backlog is full.
 
@@ -90,13 +94,13 @@ class QmpClient:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise QmpClientError(f"{self.path}: no complete message within "
-                                         f"{self.timeout:g} s")
+                    raise QmpTimeout(f"{self.path}: no complete message within "
+                                     f"{self.timeout:g} s")
                 self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)
             except socket.timeout:
-                raise QmpClientError(f"{self.path}: no message within {self.timeout:g} s") \
+                raise QmpTimeout(f"{self.path}: no message within {self.timeout:g} s") \
                     from None
             except OSError as exc:
                 raise QmpClientError(f"{self.path}: {exc.strerror or exc}") from None
@@ -131,6 +135,34 @@ class QmpClient:
             if "return" not in reply and "error" not in reply:
                 raise QmpClientError(f"{self.path}: not a QMP reply: {reply!r:.200}")
             return reply
+
+    def wait_event(self, name: str, match=None, timeout: float = 0.1) -> Optional[dict]:
+        """The first event ``name`` whose data ``match(data)`` accepts (any,
+        without ``match``) among those kept, else the next to arrive within
+        ``timeout`` seconds; None if none did.  Every event read is kept in
+        ``events``; a reply nobody asked for is a protocol error."""
+        def wanted(ev):
+            return ev.get("event") == name and (match is None or match(ev.get("data") or {}))
+        found = next((ev for ev in self.events if wanted(ev)), None)
+        deadline = time.monotonic() + timeout
+        saved = self.timeout
+        try:
+            while found is None and (left := deadline - time.monotonic()) > 0:
+                self.timeout = left
+                try:
+                    msg = self.read()
+                except QmpTimeout:
+                    return None
+                if "event" not in msg:
+                    raise QmpClientError(f"{self.path}: a reply nobody asked for: "
+                                         f"{msg!r:.200}")
+                self.events.append(msg)
+                if wanted(msg):
+                    found = msg
+        finally:
+            self.timeout = saved
+            self.sock.settimeout(saved)
+        return found
 
     def close(self) -> None:
         self.sock.close()
