@@ -17,6 +17,8 @@ import statistics
 import sys
 import time
 
+from ..migrate.progress import ENDED
+
 
 def summarize(samples: list[float], unit: str) -> dict:
     return {f"median_{unit}": statistics.median(samples), "min": min(samples),
@@ -106,7 +108,6 @@ def event_time(client, name: str, timeout: float = 5.0) -> float:
         client.execute("query-status")  # collects the events sent meanwhile
 
 
-MIGRATION_ENDS = ("completed", "failed", "cancelled")
 POLL_S = 0.005
 
 
@@ -137,7 +138,7 @@ def migrate_over_qmp(source, dest, uri: str, params: dict, who: str, timeout: fl
     began = time.time()
     execute(source, "migrate", {"uri": uri})
     deadline = time.monotonic() + timeout
-    while (info := execute(source, "query-migrate")).get("status") not in MIGRATION_ENDS:
+    while (info := execute(source, "query-migrate")).get("status") not in ENDED:
         if time.monotonic() > deadline:
             source.execute("migrate_cancel")
             raise RuntimeError(f"{who} migration still {info.get('status')} "

@@ -30,6 +30,7 @@ def migrate(socket_path: str, uri: str, downtime_limit: int | None, as_json: boo
     import json
 
     from ..daemon.client import QmpClientError
+    from ..migrate.progress import ENDED
     with _connect(socket_path, timeout=30.0) as client:
         try:
             if downtime_limit is not None:
@@ -37,17 +38,16 @@ def migrate(socket_path: str, uri: str, downtime_limit: int | None, as_json: boo
                                             {"downtime-limit": downtime_limit}), "migrate")
             _check_reply(client.execute("migrate", {"uri": uri}), "migrate")
             tty = sys.stderr.isatty()
-            ends = ("completed", "failed", "cancelled")
             while True:
                 info = _check_reply(client.execute("query-migrate"), "query-migrate")
-                if info.get("status") in ends:
+                if info.get("status") in ENDED:
                     break
                 if tty:
                     _progress(info)
                 # Ask again as soon as the MIGRATION event says it ended, or
                 # after 0.1 s (the progress line; a server that sends no
                 # MIGRATION events, as QEMU without the events capability).
-                client.wait_event("MIGRATION", lambda data: data.get("status") in ends)
+                client.wait_event("MIGRATION", lambda data: data.get("status") in ENDED)
         except (EOFError, QmpClientError) as exc:
             raise Failure(f"{socket_path}: lost the daemon during the migration: {exc}",
                           EXIT_FAILED) from None

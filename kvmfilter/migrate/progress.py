@@ -10,6 +10,7 @@ from typing import Optional
 from . import precopy, stream
 
 PAGE = stream.PAGE
+ENDED = ("completed", "failed", "cancelled")  # query-migrate's final statuses (QEMU's)
 
 
 class Parameters:
