@@ -52,13 +52,32 @@ def pv_bits(entries: Iterable[CpuidEntry]) -> int:
     return 0
 
 
+# Leaves whose EDX is the x2APIC ID of the CPU executing CPUID (Intel SDM vol. 2A,
+# CPUID leaves 0BH and 1FH).
+X2APIC_ID_LEAVES = (0xB, 0x1F)
+
+
+def vcpu_neutral(entries: Iterable[CpuidEntry]) -> list[CpuidEntry]:
+    """The table with every per-CPU field zero: leaf 1 EBX[31:16] and the x2APIC
+    ID leaves' EDX.  KVM_GET_SUPPORTED_CPUID fills them in from whichever host
+    CPU ran the ioctl (they differed between our two CPUs), so without this a
+    VM's table - and a migration stream's - depended on where its VMM was
+    scheduled.  ``per_vcpu`` sets them for each vCPU."""
+    return [e._replace(ebx=e.ebx & 0x0000_FFFF) if e.function == 1 else
+            e._replace(edx=0) if e.function in X2APIC_ID_LEAVES else e
+            for e in entries]
+
+
 def per_vcpu(entries: Iterable[CpuidEntry], index: int, count: int) -> list[CpuidEntry]:
-    """Leaf 1 EBX as hardware sets it: [31:24] initial APIC ID = the vCPU index,
-    [23:16] the number of logical CPUs, so a guest can find its siblings."""
+    """The per-CPU fields as hardware sets them: leaf 1 EBX [31:24] initial APIC
+    ID = the vCPU index, [23:16] the number of logical CPUs, so a guest can find
+    its siblings; leaves 0xB and 0x1F EDX: the x2APIC ID, the same index."""
     out = []
     for e in entries:
         if e.function == 1:
             ebx = (e.ebx & 0x0000_FFFF) | (min(count, 255) << 16) | ((index & 0xFF) << 24)
             e = e._replace(ebx=ebx)
+        elif e.function in X2APIC_ID_LEAVES:
+            e = e._replace(edx=index)
         out.append(e)
     return out

@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..base import KvmfilterError, StrEnum, Unavailable
 from ..kvm import abi
-from ..kvm.cpuid import per_vcpu, pv_bits, with_pv_features
+from ..kvm.cpuid import per_vcpu, pv_bits, vcpu_neutral, with_pv_features
 from ..kvm.fastpath import FastValue, MsrRules, TransitionRing, VcpuFastPath
 from ..kvm.kick import kick_signal
 from ..kvm import vcpu_state
@@ -210,7 +210,7 @@ class Machine:
             cpuid = self.cpuid
             self._check_cpuid(cpuid)
         else:
-            cpuid = self.kvm.get_supported_cpuid()
+            cpuid = vcpu_neutral(self.kvm.get_supported_cpuid())
             pv_features = self.pv_features | earned
             if pv_features:
                 cpuid = with_pv_features(cpuid, pv_features)

@@ -1,5 +1,6 @@
 """The machine on real /dev/kvm: console, debug exit, HLT, triple fault,
 timeouts that win over a spinning KVM_RUN, unknown ports, garbage images."""
+import os
 import random
 import signal
 import subprocess
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import test_guest
+from conftest import skip_or_fail, test_guest
 from kvmfilter.vm.machine import Machine
 from kvmfilter.vm.image import bundled_guest
 from kvmfilter.vm.vmm import RunOptions, Vmm
@@ -35,6 +36,26 @@ def test_hlt_stops_the_vcpu_and_the_vm(kvm):
     r = run_image(kvm, test_guest("hlt"), vcpus=3)
     assert r.exit.reason == "hlt" and r.exit.code == 0
     assert r.exits == {"hlt": 3}
+
+
+def test_the_cpuid_table_is_the_same_whichever_host_cpu_built_it(kvm):
+    # KVM_GET_SUPPORTED_CPUID reports the APIC ID of the CPU the ioctl ran on;
+    # a VM's table (the one a migration stream carries) must not depend on it.
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        skip_or_fail("one CPU: no second host CPU to build a table on")
+    tables = []
+    try:
+        for cpu in cpus[:2]:
+            os.sched_setaffinity(0, {cpu})
+            with Machine(kvm) as m:
+                m.setup()
+                tables.append(m.cpuid)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert tables[0] == tables[1]
+    leaf1 = [e for e in tables[0] if e.function == 1][0]
+    assert leaf1.ebx >> 16 == 0  # per vCPU: APIC ID and count are set at KVM_SET_CPUID2
 
 
 def test_si_is_the_vcpu_index(kvm):
