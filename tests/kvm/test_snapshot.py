@@ -297,3 +297,20 @@ def test_a_deferred_destination_prepared_for_a_shape_restores_only_that_shape(kv
         assert power_off_and_check(right)["code"] == 0
     finally:
         right.kill()
+
+
+def test_a_prepared_vm_keeps_its_cpuid_table_when_the_stream_carries_the_same(kvm,
+                                                                              monkeypatch):
+    from kvmfilter.vm import state as vm_state
+    vmm = vm_state.prepare(kvm, {"memory": 1 << 20, "plain_memory": True}, "incoming", "test")
+    try:
+        conf = json.loads(json.dumps(vm_state.config(vmm)))  # as it crosses the wire
+        tables = []
+        monkeypatch.setattr(vmm.machine, "set_cpuid", tables.append)
+        vm_state.adopt(vmm, conf)
+        assert tables == []  # the same table: not parsed and set again
+        conf["cpuid"][0][3] ^= 1
+        vm_state.adopt(vmm, conf)
+        assert [list(e) for e in tables[0]] == conf["cpuid"]  # another one is set
+    finally:
+        vmm.close()
