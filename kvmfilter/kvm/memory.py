@@ -31,6 +31,13 @@ class GuestMemory:
                              f"outside {self.size:#x} bytes of guest memory")
         self.view[offset:offset + len(data)] = data
 
+    def window(self, offset: int, length: int) -> memoryview:
+        """A writable view of ``length`` bytes at ``offset`` (no copy)."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"{length} bytes at {offset:#x} are outside "
+                             f"{self.size:#x} bytes of guest memory")
+        return self._mv[offset:offset + length]
+
     def read_into(self, offset: int, out: memoryview) -> None:
         """Copy ``len(out)`` bytes at ``offset`` into ``out`` (one copy, no allocation)."""
         if offset < 0 or offset + len(out) > self.size:

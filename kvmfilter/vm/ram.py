@@ -44,6 +44,13 @@ class GuestRam:
         self.memory.write(offset, data)
         self.mark(offset, len(data))
 
+    def to_fill(self, offset: int, length: int) -> memoryview:
+        """A writable view of memory the VMM is about to fill (a restore reads
+        pages straight into it), marked written as ``write`` does."""
+        view = self.memory.window(offset, length)
+        self.mark(offset, length)
+        return view
+
     def zero(self, offset: int, length: int) -> None:
         """Make whole pages zero.  Pages never written are zero already: they
         are left alone, so a large zero range costs nothing."""

@@ -128,6 +128,49 @@ def test_a_ram_payload_must_be_whole_pages_inside_memory():
         stream.parse_zero(stream.zero_payload([(0xF0000, 100)]), 1 << 20)
 
 
+def read_into(data: bytes, memory: bytearray):
+    """Every section, RAM read straight into ``memory`` (a destination's way)."""
+    reader = Reader(io.BytesIO(data))
+    windows = []
+
+    def window(gpa, size):
+        windows.append((gpa, size))
+        return memoryview(memory)[gpa:gpa + size]
+
+    reader.into_memory(len(memory), window)
+    return list(reader.sections()), windows
+
+
+def test_ram_read_straight_into_memory():
+    memory = bytearray(1 << 20)
+    sections, windows = read_into(sample(), memory)
+    assert windows == [(0x7000, 4096)]
+    assert memory[0x7000:0x8000] == b"\x42" * 4096 and memory.count(0) == len(memory) - 4096
+    assert [tag for tag, _ in sections] == [stream.CONF, stream.RAM, stream.ZERO,
+                                            stream.PASS, stream.SYNC, stream.KVMF]
+    assert bytes(sections[1][1]) == b"\x42" * 4096  # the view the pages landed in
+
+
+def test_ram_into_memory_is_checked_as_any_section():
+    data = bytearray(sample())
+    data[data.index(b"\x42" * 16) + 100] ^= 1
+    with pytest.raises(StreamError, match=r"section RAM \(RAM\).*checksum mismatch"):
+        read_into(bytes(data), bytearray(1 << 20))
+    with pytest.raises(StreamError, match="truncated"):
+        read_into(sample()[:data.index(b"\x42" * 16) + 2000], bytearray(1 << 20))
+    # Outside memory, or not whole pages: refused before anything is read into it.
+    for gpa, pages in ((1 << 20, bytes(4096)), (0x800, bytes(4096)), (0, bytes(100))):
+        out = io.BytesIO()
+        w = Writer(out)
+        w.header()
+        w.section(stream.RAM, stream.ram_head(gpa), pages)
+        w.end()
+        memory = bytearray(1 << 20)
+        with pytest.raises(StreamError, match="outside guest memory|whole pages"):
+            read_into(out.getvalue(), memory)
+        assert not any(memory)
+
+
 def test_return_path_frames():
     data = (stream.frame(stream.SYNCED, stream.u32(3)) + stream.frame(stream.READY)
             + stream.frame(stream.FAILED, b'{"error": "x"}'))
