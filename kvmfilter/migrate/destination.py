@@ -57,6 +57,7 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
     vmm = None
     vcpus: dict[int, CpuState] = {}
     clock = kvmf = None
+    applied = False
     facts = {"pages": 0, "zero_pages": 0, "passes": 0, "source_stopped": None}
     try:
         reader.header()
@@ -79,13 +80,20 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
                 for gpa, n in stream.parse_zero(payload, vmm.options.memory):
                     vmm.ram.zero(gpa, n * stream.PAGE)
                     facts["zero_pages"] += n
-            elif tag == stream.VCPU:
-                index, cpu = _parse_vcpu(payload, vmm.options.vcpus, vcpus)
-                vcpus[index] = cpu
-            elif tag == stream.CLCK:
-                clock = payload
-            elif tag == stream.KVMF:
-                kvmf = stream.parse_json(tag, payload)
+            elif tag in (stream.VCPU, stream.CLCK, stream.KVMF):
+                if tag == stream.VCPU:
+                    index, cpu = _parse_vcpu(payload, vmm.options.vcpus, vcpus)
+                    vcpus[index] = cpu
+                elif (clock if tag == stream.CLCK else kvmf) is not None:
+                    raise stream.StreamError("repeated", tag, reader.offset)
+                elif tag == stream.CLCK:
+                    clock = payload
+                else:
+                    kvmf = stream.parse_json(tag, payload)
+                if len(vcpus) == vmm.options.vcpus and clock is not None and kvmf is not None:
+                    # Complete: into KVM now, while any pages still arrive.
+                    _apply(vmm, vcpus, clock, kvmf)
+                    applied = True
             elif tag == stream.PASS:
                 facts["passes"] = stream.parse_u32(tag, payload)
                 on_event("MIGRATION_PASS", {"pass": facts["passes"]})
@@ -97,23 +105,25 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
                 raise stream.StreamError("a second configuration", tag, reader.offset)
         if vmm is None:
             raise stream.StreamError("the stream has no configuration", stream.END)
-        missing = [name for name, value in (("vCPU state", len(vcpus) == vmm.options.vcpus),
-                                            ("clock", clock is not None),
-                                            ("kvmfilter state", kvmf is not None)) if not value]
-        if missing:
+        if not applied:
+            missing = [name for name, value in (
+                ("vCPU state", len(vcpus) == vmm.options.vcpus), ("clock", clock is not None),
+                ("kvmfilter state", kvmf is not None)) if not value]
             raise stream.StreamError(f"the stream ended without {', '.join(missing)} "
                                      f"({len(vcpus)} of {vmm.options.vcpus} vCPUs)", stream.END)
-        try:
-            vm_state.apply(vmm, vm_state.VmState([vcpus[i] for i in sorted(vcpus)], clock),
-                           kvmf)
-        except ValueError as exc:
-            raise BadInput(f"the vCPU state does not load: {exc}") from None
         return vmm, facts
     except BaseException:
         for unused in (vmm, prepared):
             if unused is not None:
                 unused.close()
         raise
+
+
+def _apply(vmm, vcpus: dict, clock: bytes, kvmf: dict) -> None:
+    try:
+        vm_state.apply(vmm, vm_state.VmState([vcpus[i] for i in sorted(vcpus)], clock), kvmf)
+    except ValueError as exc:
+        raise BadInput(f"the vCPU state does not load: {exc}") from None
 
 
 def _parse_vcpu(payload: bytes, nvcpus: int, seen: dict) -> tuple[int, CpuState]:

@@ -345,8 +345,12 @@ def test_a_prepared_destination_refuses_another_vm_and_takes_its_own(kvm, short_
                           "--plain-memory", name=None, metrics=False, journal=False,
                           socket_path=str(short_tmp / "wrong.sock"))
     try:
+        watcher = src.client()
         start_migration(src, uri)
         info = wait_migration(src)
+        watcher.execute("query-status")  # collects the events sent meanwhile
+        assert "STOP" not in [e["event"] for e in watcher.events]  # refused before any stop
+        watcher.close()
         assert info["status"] == "failed"
         assert "not the one this destination prepared" in info["error-desc"], info
         assert "memory 1048576 (prepared: 2097152)" in info["error-desc"], info
