@@ -86,9 +86,9 @@ class Stats:
         info["x-rounds"] = self.rounds
         if self.precopy:
             info["x-precopy"] = self.precopy
-        if self.stop_phases:
-            info["x-downtime-phases"] = {k: round(v * 1000, 3)
-                                         for k, v in self.stop_phases.items()}
+        phases = dict(self.stop_phases)  # one step: the job's thread may add a phase meanwhile
+        if phases:
+            info["x-downtime-phases"] = {k: round(v * 1000, 3) for k, v in phases.items()}
         if self.error:
             info["error-desc"] = self.error
         return info
