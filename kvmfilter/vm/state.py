@@ -86,7 +86,7 @@ def options_from(conf: dict, **overrides) -> RunOptions:
         validate_memory(memory)
         if not 1 <= vcpus <= MAX_VCPUS:
             raise ValueError(f"{vcpus} vCPUs")
-        options = RunOptions(image=None, memory=memory, vcpus=vcpus,
+        options = RunOptions(image=None, memory=memory, vcpus=vcpus, timeout=None,
                              migration_control=bool(vm["migration_control"]),
                              map_gpa_range=bool(vm["map_gpa_range"]),
                              plain_memory=bool(vm["plain_memory"]),
@@ -97,7 +97,11 @@ def options_from(conf: dict, **overrides) -> RunOptions:
 
 
 def _overridden(options: RunOptions, overrides: dict) -> RunOptions:
-    """``options`` with the command line's ``overrides`` that are not None."""
+    """``options`` with the command line's ``overrides`` that are not None.
+
+    An incoming VM starts from no time limit (``timeout=None``): ``run``'s
+    default of 10 s comes with its command line, and ``serve`` has none (a
+    migrated daemon guest used to stop after 10 s)."""
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
@@ -164,7 +168,7 @@ def prepare(kvm, shape: dict, origin: str, source: str, journal=None,
     Raises:
         ValueError: a shape out of range.
     """
-    options = _overridden(RunOptions(image=None, **shape), overrides)
+    options = _overridden(RunOptions(image=None, timeout=None, **shape), overrides)
     return _launched(Vmm(kvm, options, image=False, label="<incoming>", origin=origin,
                          source=source))
 

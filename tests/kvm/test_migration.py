@@ -489,3 +489,22 @@ def test_between_two_network_namespaces_over_a_veth_pair(kvm, short_tmp):
     finally:
         subprocess.run(["ip", "netns", "del", a], capture_output=True)
         subprocess.run(["ip", "netns", "del", b], capture_output=True)
+
+
+@pytest.mark.parametrize("shape", [[], ["--plain-memory"]], ids=["from-stream", "prepared"])
+def test_a_migrated_daemon_guest_has_no_time_limit(kvm, short_tmp, shape):
+    # serve runs its guest until it is stopped; a VM that arrived by migration
+    # used to take `run`'s default limit and stop after 10 s.
+    src = DaemonProcess(short_tmp, "bundled:memcheck", "--plain-memory", metrics=False,
+                        journal=False)
+    uri = f"unix:{short_tmp / 'mig.sock'}"
+    dst = destination(short_tmp, uri, *shape, journal=False)
+    try:
+        start_migration(src, uri)
+        assert wait_migration(src)["status"] == "completed"
+        time.sleep(10.5)
+        assert dst.query("query-status")["return"]["status"] == "running", dst.log()
+        assert final_check(dst) == OK
+    finally:
+        src.kill()
+        dst.kill()
