@@ -16,6 +16,7 @@ import pytest
 from daemons import DaemonProcess, kvmfilter, poll, short_tmp  # noqa: F401
 from kvmfilter.migrate import stream
 from kvmfilter.policy.journal import ReadinessJournal
+from kvmfilter.vm import state as vm_state
 
 GUESTS = {
     "real mode": ("bundled:memcheck", []),
@@ -301,7 +302,6 @@ def test_a_deferred_destination_prepared_for_a_shape_restores_only_that_shape(kv
 
 def test_a_prepared_vm_keeps_its_cpuid_table_when_the_stream_carries_the_same(kvm,
                                                                               monkeypatch):
-    from kvmfilter.vm import state as vm_state
     vmm = vm_state.prepare(kvm, {"memory": 1 << 20, "plain_memory": True}, "incoming", "test")
     try:
         conf = json.loads(json.dumps(vm_state.config(vmm)))  # as it crosses the wire
