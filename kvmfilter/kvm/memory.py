@@ -25,25 +25,20 @@ class GuestMemory:
         self.view = ffi.buffer(ffi.cast("char *", ptr), size)
         self._mv = memoryview(self.view)
 
-    def write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > self.size:
-            raise ValueError(f"write of {len(data)} bytes at {offset:#x} "
-                             f"outside {self.size:#x} bytes of guest memory")
-        self.view[offset:offset + len(data)] = data
-
     def window(self, offset: int, length: int) -> memoryview:
-        """A writable view of ``length`` bytes at ``offset`` (no copy)."""
+        """A writable view of ``length`` bytes at ``offset`` (no copy); the one
+        bounds check every access goes through."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"{length} bytes at {offset:#x} are outside "
                              f"{self.size:#x} bytes of guest memory")
         return self._mv[offset:offset + length]
 
+    def write(self, offset: int, data: bytes) -> None:
+        self.window(offset, len(data))[:] = data
+
     def read_into(self, offset: int, out: memoryview) -> None:
         """Copy ``len(out)`` bytes at ``offset`` into ``out`` (one copy, no allocation)."""
-        if offset < 0 or offset + len(out) > self.size:
-            raise ValueError(f"read of {len(out)} bytes at {offset:#x} "
-                             f"outside {self.size:#x} bytes of guest memory")
-        out[:] = self._mv[offset:offset + len(out)]
+        out[:] = self.window(offset, len(out))
 
     def close(self) -> None:
         if self.ptr is not None:
