@@ -34,6 +34,7 @@ READ_TIMEOUT = 30.0  # a source silent this long has stalled or died
 # guest memory; a bigger buffer is fresh memory to fault in (6 us a page here).
 READ_BUFFER = 64 << 10
 COMMIT_TIMEOUT = 30.0
+STATE = (stream.VCPU, stream.CLCK, stream.KVMF)  # loaded into KVM once all have come
 
 
 class IncomingError(KvmfilterError):
@@ -56,8 +57,7 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
     """
     vmm = None
     vcpus: dict[int, CpuState] = {}
-    clock = kvmf = None
-    applied = False
+    once: dict = {}  # the CLCK payload and the parsed KVMF, each allowed once
     facts = {"pages": 0, "zero_pages": 0, "passes": 0, "source_stopped": None}
     try:
         reader.header()
@@ -80,20 +80,13 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
                 for gpa, n in stream.parse_zero(payload, vmm.options.memory):
                     vmm.ram.zero(gpa, n * stream.PAGE)
                     facts["zero_pages"] += n
-            elif tag in (stream.VCPU, stream.CLCK, stream.KVMF):
-                if tag == stream.VCPU:
-                    index, cpu = _parse_vcpu(payload, vmm.options.vcpus, vcpus)
-                    vcpus[index] = cpu
-                elif (clock if tag == stream.CLCK else kvmf) is not None:
+            elif tag == stream.VCPU:
+                index, cpu = _parse_vcpu(payload, vmm.options.vcpus, vcpus)
+                vcpus[index] = cpu
+            elif tag in (stream.CLCK, stream.KVMF):
+                if tag in once:
                     raise stream.StreamError("repeated", tag, reader.offset)
-                elif tag == stream.CLCK:
-                    clock = payload
-                else:
-                    kvmf = stream.parse_json(tag, payload)
-                if len(vcpus) == vmm.options.vcpus and clock is not None and kvmf is not None:
-                    # Complete: into KVM now, while any pages still arrive.
-                    _apply(vmm, vcpus, clock, kvmf)
-                    applied = True
+                once[tag] = payload if tag == stream.CLCK else stream.parse_json(tag, payload)
             elif tag == stream.PASS:
                 facts["passes"] = stream.parse_u32(tag, payload)
                 on_event("MIGRATION_PASS", {"pass": facts["passes"]})
@@ -103,12 +96,16 @@ def receive(kvm, reader: stream.Reader, origin: str, source: str,
                 facts["source_stopped"] = float(stream.parse_json(tag, payload).get("time", 0))
             else:  # CONF again
                 raise stream.StreamError("a second configuration", tag, reader.offset)
+            if tag in STATE and len(vcpus) == vmm.options.vcpus and len(once) == 2:
+                # Complete (it happens once: none may come again): into KVM
+                # now, while any pages still arrive.
+                _apply(vmm, vcpus, once[stream.CLCK], once[stream.KVMF])
         if vmm is None:
             raise stream.StreamError("the stream has no configuration", stream.END)
-        if not applied:
-            missing = [name for name, value in (
-                ("vCPU state", len(vcpus) == vmm.options.vcpus), ("clock", clock is not None),
-                ("kvmfilter state", kvmf is not None)) if not value]
+        missing = [name for name, value in (
+            ("vCPU state", len(vcpus) == vmm.options.vcpus), ("clock", stream.CLCK in once),
+            ("kvmfilter state", stream.KVMF in once)) if not value]
+        if missing:
             raise stream.StreamError(f"the stream ended without {', '.join(missing)} "
                                      f"({len(vcpus)} of {vmm.options.vcpus} vCPUs)", stream.END)
         return vmm, facts

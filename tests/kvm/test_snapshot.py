@@ -6,6 +6,7 @@ registers and memory; on the power button they check once more and exit 0
 through port 0xF4 (3 on any mismatch).  memcheck64 runs in long mode with
 paging, a GDT and non-zero FS/GS bases.
 """
+import io
 import json
 import os
 import struct
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from daemons import DaemonProcess, kvmfilter, poll, short_tmp  # noqa: F401
-from kvmfilter.migrate import stream
+from kvmfilter.migrate import destination, stream
 from kvmfilter.policy.journal import ReadinessJournal
 from kvmfilter.vm import state as vm_state
 
@@ -329,12 +330,8 @@ def test_a_stream_with_the_state_after_the_pages_restores(kvm, short_tmp):
     last = {t: max(i for i, x in enumerate(tags) if x == t) for t in state | {stream.RAM}}
     assert max(last[t] for t in state) < last[stream.RAM]  # this version: state first
     with open(old, "wb") as f:
-        w = stream.Writer(f)
-        w.header()
-        for tag, payload in ([s for s in sections if s[0] not in state]
-                             + [s for s in sections if s[0] in state]):
-            w.section(tag, payload)
-        w.end()
+        f.write(written([s for s in sections if s[0] not in state]
+                        + [s for s in sections if s[0] in state]))
     dst = DaemonProcess(short_tmp, "--incoming", f"file:{old}", journal=False,
                         socket_path=str(short_tmp / "r.sock"))
     try:
@@ -343,3 +340,28 @@ def test_a_stream_with_the_state_after_the_pages_restores(kvm, short_tmp):
                                             "detail": None}, dst.log()
     finally:
         dst.kill()
+
+
+def written(sections) -> bytes:
+    """A stream of ``sections`` ((tag, payload) pairs), header and END added."""
+    out = io.BytesIO()
+    w = stream.Writer(out)
+    w.header()
+    for tag, payload in sections:
+        w.section(tag, payload)
+    w.end()
+    return out.getvalue()
+
+
+def test_a_stream_without_its_state_or_with_it_twice_is_refused(kvm, short_tmp):
+    path = str(short_tmp / "vm.kvmf")
+    snapshot_of(short_tmp, path, "bundled:memcheck", "--plain-memory", settle=0.3)
+    with open(path, "rb") as f:
+        sections = list(stream.Reader(f).sections())
+    clock = [s for s in sections if s[0] == stream.CLCK]
+    for damaged, why in (([s for s in sections if s[0] != stream.KVMF],
+                          "ended without kvmfilter state"),
+                         (sections[:1] + clock + sections[1:], "CLCK.*repeated")):
+        with pytest.raises(stream.StreamError, match=why):
+            destination.receive(kvm, stream.Reader(io.BytesIO(written(damaged))), "restore",
+                                "test")
