@@ -14,6 +14,7 @@ source's COMMIT (the source never runs it again after that).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -23,7 +24,7 @@ from typing import Callable, Optional
 from ..base import BadInput, KvmfilterError
 from ..kvm.vcpu_state import STRUCTS, CpuState
 from ..vm import state as vm_state
-from . import stream
+from . import priority, stream
 from .transport import Uri, listen, open_snapshot, unlink_quietly
 
 log = logging.getLogger("kvmfilter.migrate")
@@ -218,7 +219,9 @@ class Incoming:
             if prepared is not None:
                 prepared.close()
             raise
-        with conn:
+        # This thread runs raised (priority.py) only with a VM built ahead:
+        # building one here starts its vCPU threads, which would inherit it.
+        with conn, priority.raised() if prepared is not None else contextlib.nullcontext():
             conn.settimeout(READ_TIMEOUT)
             return self._receive(conn, peer, prepared)
 

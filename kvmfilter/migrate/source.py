@@ -38,7 +38,7 @@ from ..base import KvmfilterError
 from ..kvm.bitmap import or_into
 from ..vm import state as vm_state
 from ..vm.machine import RunState
-from . import precopy, stream
+from . import precopy, priority, stream
 from .progress import Counting, Parameters, Stats
 from .transport import SnapshotFile, Uri, connect
 
@@ -128,6 +128,10 @@ class MigrationJob:
     # -- the job ---------------------------------------------------------------------
 
     def _main(self) -> None:
+        with priority.raised():  # ahead of the guest's vCPUs (this thread starts none)
+            self._move()
+
+    def _move(self) -> None:
         vmm = self.vmm
         vmm.control.add_listener(self._on_transition)
         out = None

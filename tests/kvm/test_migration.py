@@ -508,3 +508,58 @@ def test_a_migrated_daemon_guest_has_no_time_limit(kvm, short_tmp, shape):
     finally:
         src.kill()
         dst.kill()
+
+
+def test_the_threads_that_move_a_guest_run_raised_and_its_vcpus_do_not(kvm, short_tmp):
+    # In one process, so each thread's nice value can be read as it works:
+    # the source's job and the destination's receiver RAISE levels up (root
+    # may raise a priority), every vCPU thread at the process's own.
+    from kvmfilter.migrate import priority
+    from kvmfilter.migrate.destination import Incoming
+    from kvmfilter.migrate.progress import Parameters
+    from kvmfilter.migrate.source import MigrationJob
+    from kvmfilter.migrate.transport import parse_uri
+    from kvmfilter.vm.vmm import RunOptions, Vmm
+
+    def nice(tid=None):
+        return os.getpriority(os.PRIO_PROCESS, tid or threading.get_native_id())
+
+    base = nice()
+    raised = max(-20, base - priority.RAISE) if os.geteuid() == 0 else base
+    seen = {}
+
+    def record(who):
+        def on_event(name, data):
+            if name == "MIGRATION" and data["status"] == "active":  # both at work
+                seen[who] = nice()
+        return on_event
+
+    uri = parse_uri(f"unix:{short_tmp / 'mig.sock'}")
+    src = Vmm(kvm, RunOptions(image="bundled:ready_wait", plain_memory=True, hlt_parks=True,
+                              timeout=None))
+    incoming = Incoming(kvm, uri, on_event=record("destination"), hlt_parks=True,
+                        prepare={"memory": src.options.memory, "plain_memory": True})
+    incoming.listen()
+    arrived = {}
+    receiver = threading.Thread(target=lambda: arrived.setdefault("vmm", incoming.run()))
+    try:
+        src.start()
+        poll(lambda: src.control.ready, what="READY from the guest")
+        receiver.start()
+        job = MigrationJob(src, uri, Parameters(), on_event=record("source"))
+        job.start()
+        assert job.done.wait(30) and job.stats.status == "completed", job.stats.error
+        receiver.join(30)
+        moved = arrived["vmm"]
+        assert seen == {"source": raised, "destination": raised}
+        vcpus = [t.thread.native_id for t in moved.machine.threads + src.machine.threads]
+        assert [nice(tid) for tid in vcpus] == [base] * len(vcpus)
+        assert nice() == base
+        moved.stop()
+        moved.wait()
+        moved.close()
+    finally:
+        incoming.close()
+        src.stop()
+        src.wait()
+        src.close()
