@@ -12,8 +12,10 @@ and max.  The groups (``--only``) and their modules:
   ``snapshot``: save and restore (``migration.py``).
 
 A target is PASS or MISS; a missed one is UNRELIABLE instead when the host was
-too busy to judge it (the case did not get the CPUs it needs); N/A when its
-comparator is missing.  Only a MISS makes ``kvmfilter bench`` exit 1.
+too busy to judge it (the case did not get the CPUs it needs), or when a
+side-by-side ratio above 1 is not borne out by the rounds compared pair by
+pair (noise, not a difference); N/A when its comparator is missing.  Only a
+MISS makes ``kvmfilter bench`` exit 1.
 """
 from __future__ import annotations
 
@@ -127,10 +129,12 @@ def targets(r: dict) -> list[dict]:
         # Downtime is judged as the guest saw it, measured the same way for
         # both: query-migrate's "downtime" ends before QEMU's destination has
         # loaded anything, and after kvmfilter's has loaded everything.
-        for key, what in (("ratio_paused", "guest stopped (STOP to RESUME)"),
-                          ("ratio_total", "total time")):
+        for key, what, sample in (("ratio_paused", "guest stopped (STOP to RESUME)",
+                                   "paused_ms"), ("ratio_total", "total time", "total_ms")):
             out.append(_target(f"migration {size}: {what}, kvmfilter / QEMU",
-                               case.get(key), 1.0, "lower", missing=missing))
+                               case.get(key), 1.0, "lower",
+                               _unresolved(case.get("paired", {}).get(sample)),
+                               missing=missing))
     big = r.get("migration", {}).get("8G")
     if big is not None:
         missing = big["qemu"].get("missing")
@@ -147,6 +151,20 @@ def targets(r: dict) -> list[dict]:
                            (s["save_ms"]["median_ms"] + s["restore_ms"]["median_ms"]) / 1000,
                            TARGETS["move_64g_s"], "lower"))
     return out
+
+
+RESOLVED_P = 0.05
+
+
+def _unresolved(pairs) -> str | None:
+    """Why a median ratio above 1 is not a miss: kvmfilter was not higher in
+    enough of the paired rounds for the run to tell a difference from its
+    noise (``common.paired``)."""
+    if pairs is None or pairs["p"] < RESOLVED_P:
+        return None
+    return (f"kvmfilter was higher in {pairs['higher']} paired rounds, lower in "
+            f"{pairs['lower']}, the same in {pairs['ties']}: no difference this run can "
+            f"resolve (sign test p = {pairs['p']:.2f}); more --rounds can")
 
 
 def _negative_marginal(case: dict, names=("kvmfilter", "c_loop")):
@@ -249,7 +267,13 @@ def _move(case: dict) -> list[str]:
     q = case["qemu"]
     if "missing" in q:
         return lines + [f"QEMU: {q['missing']}"]
+    pairs = case["paired"]
+
+    def counts(key):
+        return "{lower}/{higher}/{ties}".format(**pairs[key])
     return lines + [vmm("QEMU", q),
                     f"kvmfilter / QEMU: stopped {case['ratio_paused']:.2f}, downtime "
                     f"{case['ratio_downtime']:.2f}, total {case['ratio_total']:.2f}, move "
-                    f"{case['ratio_move']:.2f}"]
+                    f"{case['ratio_move']:.2f}",
+                    f"{q['paused_ms']['samples']} rounds, kvmfilter lower/higher/same: "
+                    f"stopped {counts('paused_ms')}, total {counts('total_ms')}"]

@@ -9,6 +9,7 @@ load averages before and after.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -23,6 +24,19 @@ from ..migrate.progress import ENDED
 def summarize(samples: list[float], unit: str) -> dict:
     return {f"median_{unit}": statistics.median(samples), "min": min(samples),
             "max": max(samples), "samples": len(samples)}
+
+
+def paired(ours: list, theirs: list) -> dict:
+    """Rounds run back to back, compared pair by pair: in how many ours was
+    lower, higher, the same; and ``p``, the chance of ours being higher in
+    that many rounds or more if neither were really higher (a one-sided sign
+    test).  A median ratio above 1 with a large ``p`` is noise the run could
+    not resolve, not a difference."""
+    lower = sum(a < b for a, b in zip(ours, theirs))
+    higher = sum(a > b for a, b in zip(ours, theirs))
+    n = lower + higher
+    p = sum(math.comb(n, k) for k in range(higher, n + 1)) / 2 ** n
+    return {"lower": lower, "higher": higher, "ties": len(ours) - n, "p": round(p, 4)}
 
 
 def interleave(cases: dict, rounds: int) -> dict:

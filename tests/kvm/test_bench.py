@@ -77,11 +77,12 @@ def test_page_map_case_reports_memory():
 
 
 def test_migration_side_by_side(kvm, short_tmp):  # noqa: F811
-    out = migration.side_by_side([1 * MIB], rounds=2, workdir=str(short_tmp))
+    out = migration.side_by_side([1 * MIB], rounds=1, workdir=str(short_tmp))
     case = out["1M"]
     k = case["kvmfilter"]
+    n = migration.SMALL_GUEST_ROUNDS  # a small guest: that many rounds per --rounds
     for key in ("downtime_ms", "total_ms", "paused_ms", "move_ms", "transferred_bytes"):
-        assert k[key]["samples"] == 2
+        assert k[key]["samples"] == n
     # The guest's 128 pages go at least once.  The stop-to-resume interval
     # covers the source's downtime but its first phase: the STOP event goes
     # out once the vCPUs are parked (downtime counts from asking them to park,
@@ -100,9 +101,12 @@ def test_migration_side_by_side(kvm, short_tmp):  # noqa: F811
         assert "apt-get install qemu-system-x86" in case["qemu"]["missing"]
         assert "ratio_downtime" not in case
     else:
-        assert case["qemu"]["total_ms"]["samples"] == 2
+        assert case["qemu"]["total_ms"]["samples"] == n
         assert case["ratio_total"] > 0 and case["ratio_downtime"] > 0
-        assert case["qemu"]["move_ms"]["samples"] == 2 and case["ratio_move"] > 0
+        assert case["qemu"]["move_ms"]["samples"] == n and case["ratio_move"] > 0
+        for pairs in case["paired"].values():  # every round compared, once
+            assert pairs["lower"] + pairs["higher"] + pairs["ties"] == n
+            assert 0 < pairs["p"] <= 1
 
 
 def test_migration_cost_follows_what_was_touched(kvm, short_tmp):  # noqa: F811
