@@ -103,7 +103,7 @@ def serve_options(f):
               "With unix:, tcp: or defer, --memory, --vcpus, --plain-memory, "
               "--no-migration-control and --no-map-gpa-range say the source's VM (as "
               "QEMU's destination is started with the source's machine): it is built "
-              "before the source connects, and a stream for another VM is refused.")
+              "before the daemon answers QMP, and a stream for another VM is refused.")
 @click.pass_context
 def serve(ctx, socket_path: str, metrics_file: str | None, incoming: str | None,
           **kwargs) -> None:
@@ -137,13 +137,13 @@ def serve(ctx, socket_path: str, metrics_file: str | None, incoming: str | None,
         if kwargs["image"] is None:
             kwargs["image"] = "bundled:ready_wait"
         vmm = Vmm(None, _options(hlt_parks=True, **kwargs))  # image, journal checked first
+    incoming_job = None
     try:
         try:
             listen_socket = activated_socket()
         except ValueError as exc:
             raise Failure(f"socket activation: {exc}", EXIT_USAGE) from None
         kvm = _open_kvm()
-        incoming_job = None
         if uri is not None and uri.scheme == "file":  # a snapshot: restore before serving
             from ..migrate.destination import restore_file
             vmm, _ = restore_file(kvm, uri.path, **overrides)
@@ -151,12 +151,15 @@ def serve(ctx, socket_path: str, metrics_file: str | None, incoming: str | None,
             from ..migrate.destination import Incoming
             incoming_job = Incoming(kvm, uri, **overrides)
             incoming_job.listen()  # the address is taken (or refused) before we go on
+            incoming_job.set_up()  # the VM is built before QMP answers
         status = run_daemon(vmm, kvm, socket_path, metrics_file, listen_socket,
                             incoming_job, kwargs["name"],
                             overrides if incoming is not None else {})
     finally:
         if vmm is not None:
             vmm.close()
+        if incoming_job is not None:
+            incoming_job.close()  # a VM built for a source that never came
     sys.exit(status)
 
 

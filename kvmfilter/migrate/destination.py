@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import socket
+import threading
 import time
 from typing import Callable, Optional
 
@@ -159,9 +160,10 @@ class Incoming:
 
     ``run()`` blocks: listen, accept one source, receive, hand back READY,
     wait for COMMIT, start the guest, say STARTED; it returns the running
-    ``Vmm``.  ``before_start(vmm)`` runs just before the guest's vCPUs start
-    (a daemon hooks its event listener there).  ``close()`` from another
-    thread abandons the wait.
+    ``Vmm``.  ``set_up()`` builds the VM ahead (or warms up) before ``run()``
+    does it itself.  ``before_start(vmm)`` runs just before the guest's vCPUs
+    start (a daemon hooks its event listener there).  ``close()`` from
+    another thread abandons the wait.
     """
 
     def __init__(self, kvm, uri: Uri,
@@ -177,6 +179,9 @@ class Incoming:
         self.started_at: Optional[float] = None
         self._listener: Optional[socket.socket] = None
         self.downtime: Optional[float] = None
+        self._set_up = False
+        self._prepared = None  # built by set_up(), until run() takes it
+        self._lock = threading.Lock()
 
     def listen(self) -> None:
         """Bind now (so the address is reserved before anyone connects)."""
@@ -199,14 +204,9 @@ class Incoming:
             return vmm
         if self._listener is None:
             self.listen()
-        # While nobody has connected, take the build off the migration's clock:
-        # the VM itself when its shape was given; else a warm-up (the first VM
-        # a process builds costs ~1 ms more than later ones).
-        prepared = None
-        if self.prepare is not None:
-            prepared = self._prepare()
-        else:
-            vm_state.warm_up(self.kvm)
+        self.set_up()
+        with self._lock:
+            prepared, self._prepared = self._prepared, None
         try:
             try:
                 conn, peer = self._listener.accept()
@@ -224,6 +224,26 @@ class Incoming:
         with conn, priority.raised() if prepared is not None else contextlib.nullcontext():
             conn.settimeout(READ_TIMEOUT)
             return self._receive(conn, peer, prepared)
+
+    def set_up(self) -> None:
+        """Take the build off the migration's clock, before anyone connects:
+        build the VM when its shape was given, else warm up (a process's first
+        VM costs ~1 ms more than later ones).  ``serve --incoming`` calls it
+        before it answers QMP, so a destination that answers is ready, as
+        QEMU's is.  Once; ``run()`` calls it if nobody did.
+
+        Raises:
+            IncomingError: the VM cannot be built.
+        """
+        if self._set_up or self.uri.scheme == "file":  # a file: built as it opens
+            return
+        self._set_up = True
+        if self.prepare is None:
+            vm_state.warm_up(self.kvm)
+            return
+        prepared = self._prepare()
+        with self._lock:
+            self._prepared = prepared
 
     def _prepare(self):
         try:
@@ -284,7 +304,12 @@ class Incoming:
                 unlink_quietly(self.uri.path)
 
     def close(self) -> None:
-        """Stop waiting (another thread): the accept fails and ``run`` raises."""
+        """Stop waiting (another thread): the accept fails and ``run`` raises;
+        a VM ``set_up()`` built and ``run()`` never took is closed."""
+        with self._lock:
+            unused, self._prepared = self._prepared, None
+        if unused is not None:
+            unused.close()
         listener = self._listener
         if listener is not None:
             try:

@@ -563,3 +563,23 @@ def test_the_threads_that_move_a_guest_run_raised_and_its_vcpus_do_not(kvm, shor
         src.stop()
         src.wait()
         src.close()
+
+
+def test_a_destination_given_the_shape_has_built_its_vm_when_qmp_answers(kvm, short_tmp):
+    # Registering 64 GiB with KVM takes tens of ms: a destination that answered
+    # QMP first and built afterwards would be caught without its VM here.
+    dst = destination(short_tmp, f"unix:{short_tmp / 'in.sock'}", "--memory", "64G",
+                      "--vcpus", "2", "--plain-memory", journal=False)
+    try:
+        fds = []
+        for fd in os.listdir(f"/proc/{dst.proc.pid}/fd"):
+            try:
+                fds.append(os.readlink(f"/proc/{dst.proc.pid}/fd/{fd}"))
+            except FileNotFoundError:  # a QMP connection closing meanwhile
+                pass
+        assert fds.count("anon_inode:kvm-vm") == 1, fds
+        assert sorted(f for f in fds if f.startswith("anon_inode:kvm-vcpu")) == \
+            ["anon_inode:kvm-vcpu:0", "anon_inode:kvm-vcpu:1"], fds
+        assert dst.query("query-status")["return"]["status"] == "inmigrate"
+    finally:
+        dst.kill()
