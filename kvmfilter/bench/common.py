@@ -161,6 +161,14 @@ def migrate_over_qmp(source, dest, uri: str, params: dict, who: str, timeout: fl
     if info["status"] != "completed":
         raise failed(f"{who} migration {info['status']}: "
                      f"{info.get('error-desc', 'no error-desc')}")
+    # QEMU 7.2 says "completed" a moment before it computes total-time and
+    # downtime (migration_completion sets the state; migration_iteration_finish
+    # then takes the lock and calculates them): a query in between reads 0 for
+    # both - 1 QEMU migration in 40 here.  Ask again until they are there.
+    settled = time.monotonic() + 1
+    while not info.get("total-time") and time.monotonic() < settled:
+        time.sleep(POLL_S / 5)
+        info = execute(source, "query-migrate")
     end = time.monotonic() + 10  # both destinations resume on their own
     while (state := execute(dest, "query-status")["status"]) != "running":
         if time.monotonic() > end:
