@@ -6,8 +6,8 @@ loop) and are driven the same way: ``kvmfilter serve`` and
 ``qemu-system-x86_64`` each as their own process, told over QMP to
 ``migrate`` to a fresh destination listening on a ``unix:`` socket, polled
 with ``query-migrate``.  Rounds are chained - each destination is the next
-round's source - and the two VMMs take turns, so both see the same host.
-The numbers are what each VMM reports in ``query-migrate``: ``total-time``
+round's source - and the two VMMs take turns (each first every other round),
+so both see the same host.  The numbers are what each VMM reports in ``query-migrate``: ``total-time``
 and ``downtime`` (QEMU's definition: from stopping the guest to the source's
 completion).  kvmfilter's source completes only after the destination has
 loaded everything and said READY, so its downtime includes the destination's
@@ -175,8 +175,9 @@ def _summary(results: list[dict]) -> dict:
 
 
 def side_by_side(sizes: list[int], rounds: int, workdir: str) -> dict:
-    """kvmfilter and QEMU, chained migrations interleaved round by round
-    (``SMALL_GUEST_ROUNDS`` times ``rounds`` for the small guests)."""
+    """kvmfilter and QEMU, chained migrations interleaved round by round,
+    each going first every other round (``SMALL_GUEST_ROUNDS`` times
+    ``rounds`` for the small guests)."""
     qemu_missing = qemu.qemu_binary() is None
     out: dict = {}
     for memory in sizes:
@@ -185,9 +186,11 @@ def side_by_side(sizes: list[int], rounds: int, workdir: str) -> dict:
         if not qemu_missing:
             chains["qemu"] = _chain("qemu", memory, n, workdir)
         results: dict = {name: [] for name in chains}
+        order = list(chains.items())
         try:
-            for _ in range(n):
-                for name, chain in chains.items():
+            for i in range(n):
+                # A B, B A, ...: neither VMM always goes first after the other.
+                for name, chain in (order if i % 2 == 0 else order[::-1]):
                     results[name].append(next(chain))
         finally:
             for chain in chains.values():
