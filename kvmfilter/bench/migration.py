@@ -7,15 +7,16 @@ loop) and are driven the same way: ``kvmfilter serve`` and
 ``migrate`` to a fresh destination listening on a ``unix:`` socket, polled
 with ``query-migrate``.  Rounds are chained - each destination is the next
 round's source - and the two VMMs take turns (each first every other round),
-so both see the same host.  The numbers are what each VMM reports in ``query-migrate``: ``total-time``
-and ``downtime`` (QEMU's definition: from stopping the guest to the source's
-completion).  kvmfilter's source completes only after the destination has
-loaded everything and said READY, so its downtime includes the destination's
-load; QEMU's does not.  ``x-downtime-to-started`` adds the destination's
-start (kvmfilter only).  So two more are measured the same way for both, on
-one host clock, from QMP event timestamps: ``paused_ms`` (the source's STOP
-to the destination's RESUME) and ``move_ms`` (``migrate`` sent to the
-destination's RESUME: how long a move takes, both destinations' work in).
+so both see the same host.  The numbers are what each VMM reports in
+``query-migrate``: ``total-time`` and ``downtime`` (QEMU's definition: from
+stopping the guest to the source's completion).  kvmfilter's source
+completes only after the destination has loaded everything and said READY,
+so its downtime includes the destination's load; QEMU's does not.
+``x-downtime-to-started`` adds the destination's start (kvmfilter only).  So
+two more are measured the same way for both, on one host clock, from QMP
+event timestamps: ``paused_ms`` (the source's STOP to the destination's
+RESUME) and ``move_ms`` (``migrate`` sent to the destination's RESUME: how
+long a move takes, both destinations' work in).
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ few cores the thread sending the pages - and, on the destination, the thread
 loading them - wait for a core behind a spinning vCPU.  Every wait lengthens
 the move, and those in the stop phase lengthen the guest's stop.  So each
 raises its own scheduling priority by ``RAISE`` nice levels while it works
-and drops it when done: on a 2-core host, a 1 MiB guest's move took 0.4-0.6 ms
-less (7.25 against 7.90 ms, mean of 150 interleaved migrations).
+and drops it when done: on a 2-core host, a 1 MiB guest's move took 0.4-0.7 ms
+less (medians of 100-150 interleaved migrations).  The guest pays: during a
+short pre-copy its vCPU may get no CPU at all.
 
 Raising a priority needs CAP_SYS_NICE (root has it); without it the thread
 runs at the usual priority, and says so in a debug log line.  A thread created
@@ -23,7 +24,7 @@ from typing import Iterator
 
 log = logging.getLogger("kvmfilter.migrate")
 
-RAISE = 10  # nice levels: -10 takes a core from a vCPU at nice 0 at once
+RAISE = 10  # nice levels: ~9x the CPU weight of a vCPU at nice 0 (-5 did not help)
 
 
 @contextlib.contextmanager
