@@ -10,9 +10,11 @@ A handler is ``async handler(server, args) -> return value``; it raises
 """
 from __future__ import annotations
 
+import asyncio
 from collections import namedtuple
 from typing import Any, Awaitable, Callable, Optional
 
+from ..base import KvmfilterError
 from ..policy.readiness import rfc3339
 from .qmp import QmpError
 
@@ -190,5 +192,16 @@ async def migrate_incoming(server, args):
         incoming.listen()
     except ValueError as exc:
         raise QmpError(str(exc)) from None
+    server.incoming = incoming  # taken: a second migrate-incoming is refused meanwhile
+    try:
+        # The VM is built (or the warm-up done) before the reply: a destination
+        # that has answered is ready, and a migrate sent at once pays no build.
+        await asyncio.get_running_loop().run_in_executor(None, incoming.set_up)
+    except BaseException as exc:
+        server.incoming = None
+        incoming.close()
+        if isinstance(exc, KvmfilterError):
+            raise QmpError(str(exc)) from None
+        raise
     server.start_incoming(incoming)
     return {}

@@ -565,21 +565,35 @@ def test_the_threads_that_move_a_guest_run_raised_and_its_vcpus_do_not(kvm, shor
         src.close()
 
 
-def test_a_destination_given_the_shape_has_built_its_vm_when_qmp_answers(kvm, short_tmp):
+def kvm_fds(pid) -> list:
+    """What a process has open of KVM: its VMs and vCPUs."""
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # a QMP connection closing meanwhile
+            continue
+        if target.startswith("anon_inode:kvm-"):
+            fds.append(target)
+    return sorted(fds)
+
+
+TWO_VCPU_VM = ["anon_inode:kvm-vcpu:0", "anon_inode:kvm-vcpu:1", "anon_inode:kvm-vm"]
+
+
+@pytest.mark.parametrize("mode", ["serve", "defer"])
+def test_a_destination_given_the_shape_has_built_its_vm_when_it_answers(kvm, short_tmp, mode):
     # Registering 64 GiB with KVM takes tens of ms: a destination that answered
-    # QMP first and built afterwards would be caught without its VM here.
-    dst = destination(short_tmp, f"unix:{short_tmp / 'in.sock'}", "--memory", "64G",
+    # first (QMP, or migrate-incoming) and built afterwards is caught without
+    # its VM here.
+    uri = f"unix:{short_tmp / 'in.sock'}"
+    dst = destination(short_tmp, uri if mode == "serve" else "defer", "--memory", "64G",
                       "--vcpus", "2", "--plain-memory", journal=False)
     try:
-        fds = []
-        for fd in os.listdir(f"/proc/{dst.proc.pid}/fd"):
-            try:
-                fds.append(os.readlink(f"/proc/{dst.proc.pid}/fd/{fd}"))
-            except FileNotFoundError:  # a QMP connection closing meanwhile
-                pass
-        assert fds.count("anon_inode:kvm-vm") == 1, fds
-        assert sorted(f for f in fds if f.startswith("anon_inode:kvm-vcpu")) == \
-            ["anon_inode:kvm-vcpu:0", "anon_inode:kvm-vcpu:1"], fds
+        if mode == "defer":
+            assert kvm_fds(dst.proc.pid) == []
+            assert dst.query("migrate-incoming", {"uri": uri}) == {"return": {}}
+        assert kvm_fds(dst.proc.pid) == TWO_VCPU_VM
         assert dst.query("query-status")["return"]["status"] == "inmigrate"
     finally:
         dst.kill()

@@ -210,3 +210,44 @@ def test_a_thread_that_finishes_after_the_loop_closed_is_told_not_raised_at():
     t.start()
     t.join()
     assert results == [False] and ran == [1]
+
+
+def test_migrate_incoming_that_cannot_build_its_vm_answers_an_error_and_waits_on():
+    """The VM is built before migrate-incoming answers; when it cannot be, the
+    reply says why, the listener is gone, and a later migrate-incoming may try
+    again (the daemon does not end)."""
+    import asyncio
+
+    from kvmfilter.daemon.commands import COMMANDS
+    from kvmfilter.daemon.qmp import QmpError
+    from kvmfilter.migrate.destination import IncomingError
+
+    class Unbuildable:
+        closed = False
+
+        def listen(self):
+            pass
+
+        def set_up(self):
+            raise IncomingError("cannot prepare the VM: no room")
+
+        def close(self):
+            self.closed = True
+
+    class Server:
+        vmm = incoming = None
+        started = False
+
+        def make_incoming(self, uri):
+            self.made = Unbuildable()
+            return self.made
+
+        def start_incoming(self, incoming):
+            self.started = True
+
+    server = Server()
+    handler = COMMANDS.get("migrate-incoming").handler
+    with pytest.raises(QmpError) as exc:
+        asyncio.run(handler(server, {"uri": "unix:/nonexistent/in.sock"}))
+    assert exc.value.desc == "cannot prepare the VM: no room"
+    assert server.made.closed and server.incoming is None and not server.started
