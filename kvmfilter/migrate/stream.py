@@ -229,12 +229,9 @@ class Reader:
             if known:
                 yield tag, payload
 
-
     def _ram_into_memory(self, head: bytes, length: int, start: int) -> memoryview:
         memory_size, window = self._memory
-        if length < 8 + PAGE or (length - 8) % PAGE:
-            raise StreamError(f"RAM payload of {length} bytes is not a gpa and whole pages",
-                              RAM, start)
+        _check_ram_length(length, start)
         gpa_bytes = self._read(8, RAM, "the payload")
         (gpa,) = _U64.unpack(gpa_bytes)
         _check_ram(gpa, length - 8, memory_size)
@@ -267,12 +264,16 @@ def ram_head(gpa: int) -> bytes:
 
 def parse_ram(payload: bytes, memory_size: int) -> tuple[int, memoryview]:
     """(gpa, data) of a RAM section, checked to be whole pages inside memory."""
-    if len(payload) < 8 + PAGE or (len(payload) - 8) % PAGE:
-        raise StreamError(f"RAM payload of {len(payload)} bytes is not a gpa and whole pages",
-                          RAM)
+    _check_ram_length(len(payload))
     (gpa,) = _U64.unpack_from(payload)
     _check_ram(gpa, len(payload) - 8, memory_size)
     return gpa, memoryview(payload)[8:]
+
+
+def _check_ram_length(length: int, offset: int = 0) -> None:
+    if length < 8 + PAGE or (length - 8) % PAGE:
+        raise StreamError(f"RAM payload of {length} bytes is not a gpa and whole pages",
+                          RAM, offset)
 
 
 def _check_ram(gpa: int, size: int, memory_size: int) -> None:
