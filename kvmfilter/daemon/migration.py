@@ -19,6 +19,7 @@ from ..migrate.destination import Incoming
 from ..migrate.progress import Parameters
 from ..migrate.source import MigrationJob
 from ..migrate.transport import parse_uri
+from ..migrate.worker import Worker
 from .loop import call_from_thread
 from .qmp import QmpError
 
@@ -32,6 +33,7 @@ class Migrations:
         self._loop = loop
         self._broadcast_event = broadcast_event
         self.params = Parameters()
+        self._worker = Worker("migration")  # the jobs' thread, started before any job
         self.job: Optional[MigrationJob] = None
         self.incoming: Optional[Incoming] = None
         self.incoming_status: dict = {}
@@ -73,7 +75,7 @@ class Migrations:
         if blockers:
             raise QmpError("Migration is blocked: " + " ".join(blockers))
         self.job = MigrationJob(vmm, uri, self.params, self.post_event)
-        self.job.start()
+        self.job.start(self._worker)
 
     def cancel(self) -> None:
         if self.running:
@@ -82,6 +84,11 @@ class Migrations:
     def wait(self, timeout: float) -> None:
         if self.job is not None:
             self.job.done.wait(timeout)
+
+    def close(self) -> None:
+        """End the jobs' thread (after ``cancel`` and ``wait``: a job still
+        running keeps it, and the process's exit ends it)."""
+        self._worker.close(timeout=1.0)
 
     def query(self) -> dict:
         if self.job is not None:

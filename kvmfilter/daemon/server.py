@@ -350,6 +350,7 @@ class Server:
             self.migrations.abandon_incoming()
             self.migrations.cancel()
             await self._loop.run_in_executor(None, self.migrations.wait, 10.0)
+            await self._loop.run_in_executor(None, self.migrations.close)
         vmm = self.vmm
         if vmm is not None and vmm.started:
             if vmm.stop_record is None:

@@ -41,6 +41,7 @@ from ..vm.machine import RunState
 from . import precopy, priority, stream
 from .progress import Counting, Parameters, Stats
 from .transport import SnapshotFile, Uri, connect
+from .worker import Worker
 
 log = logging.getLogger("kvmfilter.migrate")
 
@@ -92,13 +93,17 @@ class MigrationJob:
         self._pages = _page_buffer(SEND_CHUNK_PAGES * PAGE)  # _send_pages' copy of a run
         self._phase_start = 0.0  # where the current downtime phase began
         self._was_paused = False
-        self._thread = threading.Thread(target=self._main, name="migration", daemon=True)
         self.done = threading.Event()
 
     # -- control ---------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, worker: Optional[Worker] = None) -> None:
+        """Begin, on ``worker``'s thread (started ahead: worker.py says why)
+        or else on a thread of the job's own."""
+        if worker is not None:
+            worker.submit(self._main)
+        else:
+            threading.Thread(target=self._main, name="migration", daemon=True).start()
 
     def cancel(self) -> None:
         self._cancel.set()

@@ -513,8 +513,11 @@ def test_a_migrated_daemon_guest_has_no_time_limit(kvm, short_tmp, shape):
 def test_the_threads_that_move_a_guest_run_raised_and_its_vcpus_do_not(kvm, short_tmp):
     # In one process, so each thread's nice value can be read as it works:
     # the source's job and the destination's receiver RAISE levels up (root
-    # may raise a priority), every vCPU thread at the process's own.
+    # may raise a priority), every vCPU thread at the process's own.  The job
+    # runs on a worker started ahead, as the daemon's does; that thread lives
+    # on, so it must drop the raise when the job ends.
     from kvmfilter.migrate import priority
+    from kvmfilter.migrate.worker import Worker
     from kvmfilter.migrate.destination import Incoming
     from kvmfilter.migrate.progress import Parameters
     from kvmfilter.migrate.source import MigrationJob
@@ -532,6 +535,7 @@ def test_the_threads_that_move_a_guest_run_raised_and_its_vcpus_do_not(kvm, shor
         def on_event(name, data):
             if name == "MIGRATION" and data["status"] == "active":  # both at work
                 seen[who] = nice()
+                seen[who + " thread"] = threading.get_ident()
         return on_event
 
     uri = parse_uri(f"unix:{short_tmp / 'mig.sock'}")
@@ -542,16 +546,22 @@ def test_the_threads_that_move_a_guest_run_raised_and_its_vcpus_do_not(kvm, shor
     incoming.listen()
     arrived = {}
     receiver = threading.Thread(target=lambda: arrived.setdefault("vmm", incoming.run()))
+    worker = Worker("migration")
     try:
         src.start()
         poll(lambda: src.control.ready, what="READY from the guest")
         receiver.start()
         job = MigrationJob(src, uri, Parameters(), on_event=record("source"))
-        job.start()
+        job.start(worker)
         assert job.done.wait(30) and job.stats.status == "completed", job.stats.error
         receiver.join(30)
         moved = arrived["vmm"]
-        assert seen == {"source": raised, "destination": raised}
+        assert seen == {"source": raised, "destination": raised,
+                        "source thread": worker.thread.ident,
+                        "destination thread": receiver.ident}
+        dropped = threading.Event()
+        worker.submit(lambda: (seen.update(after=nice()), dropped.set()))
+        assert dropped.wait(10) and seen["after"] == base
         vcpus = [t.thread.native_id for t in moved.machine.threads + src.machine.threads]
         assert [nice(tid) for tid in vcpus] == [base] * len(vcpus)
         assert nice() == base
@@ -559,6 +569,7 @@ def test_the_threads_that_move_a_guest_run_raised_and_its_vcpus_do_not(kvm, shor
         moved.wait()
         moved.close()
     finally:
+        worker.close()
         incoming.close()
         src.stop()
         src.wait()
