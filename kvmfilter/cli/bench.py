@@ -21,7 +21,7 @@ from . import EXIT_FAILED, EXIT_OK, _emit_json, _open_kvm, cli
               help="Run only this group (repeatable): msr, startup, scaling, page-map, "
                    "migration, snapshot.  Default: all.")
 @click.option("--rounds", type=click.IntRange(1, 50), default=5, show_default=True,
-              help="Interleaved rounds per case (4x as many for live migration of guests "
+              help="Interleaved rounds per case (10x as many for live migration of guests "
                    "up to 32 MiB: one such move differs from the next by 2-3 ms).")
 def bench(as_json: bool, seconds: float, only: tuple, rounds: int) -> None:
     """Measure the MSR exit path against a C loop and the in-kernel floor,
