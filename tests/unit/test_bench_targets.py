@@ -51,6 +51,22 @@ def scaling_target(speedup, cpu_share, ns=(4000, 2000)):
     return t
 
 
+def test_a_speedup_below_target_is_a_miss_only_when_the_rounds_bear_it_out():
+    def judged(rounds):
+        r = report(vcpu_scaling={"speedup_2_vs_1": 1.55, "speedup_2_vs_1_rounds": rounds,
+                                 "1_vcpus": {"median_ns": 4000},
+                                 "2_vcpus": {"cpu_share": 1.95, "median_ns": 2580}})
+        [t] = [t for t in bench.targets(r) if t["name"].startswith("2 vCPUs")]
+        return t
+
+    assert judged([1.5, 1.4, 1.55, 1.3, 1.59])["status"] == "MISS"  # every round short
+    t = judged([1.3, 1.55, 2.0, 1.5, 1.9])
+    assert t["status"] == "UNRELIABLE" and t["pass"]
+    assert t["reason"].startswith("3 of 5 rounds fell short of 1.6 and 2 reached it")
+    # A round whose 2-vCPU marginal cost was not positive says nothing.
+    assert judged([1.5, None, 1.4, 1.55, 1.3, 1.59])["status"] == "MISS"
+
+
 def test_a_busy_host_makes_a_miss_unreliable_not_failed():
     t = scaling_target(1.1, 1.2)
     assert t["status"] == "UNRELIABLE" and t["pass"] and "1.20 CPUs of the 2.0" in t["reason"]
