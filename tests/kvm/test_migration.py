@@ -517,11 +517,11 @@ def test_the_threads_that_move_a_guest_run_raised_and_its_vcpus_do_not(kvm, shor
     # runs on a worker started ahead, as the daemon's does; that thread lives
     # on, so it must drop the raise when the job ends.
     from kvmfilter.migrate import priority
-    from kvmfilter.migrate.worker import Worker
     from kvmfilter.migrate.destination import Incoming
     from kvmfilter.migrate.progress import Parameters
     from kvmfilter.migrate.source import MigrationJob
     from kvmfilter.migrate.transport import parse_uri
+    from kvmfilter.migrate.worker import Worker
     from kvmfilter.vm.vmm import RunOptions, Vmm
 
     def nice(tid=None):

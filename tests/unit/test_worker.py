@@ -1,6 +1,7 @@
 """The thread a migration job runs on, started ahead (no KVM: plain functions)."""
 import logging
 import threading
+import time
 
 import pytest
 
@@ -49,3 +50,22 @@ def test_close_lets_the_work_already_submitted_finish_and_refuses_more():
     assert ran == ["after"] and not worker.thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         worker.submit(lambda: None)
+    worker.close()  # again: nothing more to end
+
+
+def test_nothing_is_taken_once_close_has_begun():
+    worker = Worker("test-worker")
+    gate = threading.Event()
+    worker.submit(gate.wait)  # the thread is busy: close() queues its end behind this
+    closer = threading.Thread(target=worker.close, kwargs={"timeout": 5})
+    closer.start()
+    deadline = time.monotonic() + 5
+    while not worker._closed:  # until close() has begun; the thread still runs gate.wait
+        assert time.monotonic() < deadline, "close() never began"
+        time.sleep(0.001)
+    assert worker.thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.submit(lambda: None)
+    gate.set()
+    closer.join(5)
+    assert not worker.thread.is_alive()
