@@ -21,9 +21,29 @@ def invoke(capsys, *args):
 def test_help_lists_the_commands(capsys):
     code, out, _ = invoke(capsys, "--help")
     assert code == 0
-    for name in ("probe", "run", "journal"):
-        assert name in out
+    for name in cli.COMMAND_MODULES:  # listed without importing each module first
+        assert f"\n  {name} " in out
     assert "Exit status" in out
+
+
+def test_each_command_is_registered_by_the_module_the_lazy_table_names():
+    import importlib
+    for module in set(cli.COMMAND_MODULES.values()):
+        importlib.import_module(f"kvmfilter.cli.{module}")
+    assert set(cli.cli.commands) == set(cli.COMMAND_MODULES)  # none missing from the table
+    for name, module in cli.COMMAND_MODULES.items():
+        assert cli.cli.commands[name].callback.__module__ == f"kvmfilter.cli.{module}", name
+
+
+def test_run_loads_neither_the_daemon_nor_the_bench_commands():
+    # A fresh interpreter: this one may have imported every command module.
+    import subprocess
+    import sys
+    probe = ("import sys, kvmfilter.cli as c; assert c.cli.get_command(None, 'run'); "
+             "print(sorted(m for m in sys.modules if m.startswith('kvmfilter.cli')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['kvmfilter.cli', 'kvmfilter.cli.guest']"
 
 
 @pytest.mark.parametrize("args, needle", [
