@@ -8,7 +8,8 @@ that need them: start-up time is part of what users pay per run.
 
 This module has the group, the exit statuses, the shared option types and
 ``main``; the commands are in ``guest`` (probe, run, journal, inspect),
-``daemon`` (serve, query, watch, migrate) and ``bench``.
+``daemon`` (serve, query, watch, migrate) and ``bench``, each module imported
+when one of its commands is asked for (``COMMAND_MODULES``).
 """
 from __future__ import annotations
 
