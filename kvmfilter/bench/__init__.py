@@ -163,27 +163,33 @@ def _unresolved(pairs) -> str | None:
     """Why a median ratio above 1 is not a miss: kvmfilter was not higher in
     enough of the paired rounds for the run to tell a difference from its
     noise (``common.paired``)."""
-    if pairs is None or pairs["p"] < RESOLVED_P:
+    if pairs is None:
         return None
-    return (f"kvmfilter was higher in {pairs['higher']} paired rounds, lower in "
-            f"{pairs['lower']}, the same in {pairs['ties']}: no difference this run can "
-            f"resolve (sign test p = {pairs['p']:.2f}); more --rounds can")
+    return _unless_resolved(pairs, f"kvmfilter was higher in {pairs['higher']} paired "
+                                   f"rounds, lower in {pairs['lower']}, the same in "
+                                   f"{pairs['ties']}", "difference")
 
 
 def _short_unresolved(rounds, target: float) -> str | None:
     """Why a median below a 'higher is better' target is not a miss: too few
     of the rounds, each judged on its own, fell short of it (the vCPU-scaling
     speedup is a ratio of two marginal costs, each a difference of two runs:
-    on these hosts one round's came out 1.3 and the next's 2.0)."""
+    on these hosts one round's came out 1.1 and the next's 2.3)."""
     values = [x for x in rounds or () if x is not None]
     if not values:
         return None
     pairs = paired([target] * len(values), values)  # "higher": a round short of the target
+    return _unless_resolved(pairs, f"{pairs['higher']} of {len(values)} rounds fell short "
+                                   f"of {target:g} and {pairs['lower']} reached it",
+                            "shortfall")
+
+
+def _unless_resolved(pairs: dict, counts: str, what: str) -> str | None:
+    """None when the sign test resolves the rounds (p < RESOLVED_P), else why not."""
     if pairs["p"] < RESOLVED_P:
         return None
-    return (f"{pairs['higher']} of {len(values)} rounds fell short of {target:g} and "
-            f"{pairs['lower']} reached it: no shortfall this run can resolve (sign test "
-            f"p = {pairs['p']:.2f}); more --rounds can")
+    return (f"{counts}: no {what} this run can resolve (sign test p = {pairs['p']:.2f}); "
+            "more --rounds can")
 
 
 def _negative_marginal(case: dict, names=("kvmfilter", "c_loop")):
