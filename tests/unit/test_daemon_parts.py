@@ -1,5 +1,5 @@
 """Daemon pieces that need no KVM: the metrics textfile, sd_notify, socket
-activation, the watchdog, the socket path rule."""
+activation, the watchdog, the socket path rule, the migration jobs' thread."""
 import os
 import socket
 import stat
@@ -251,3 +251,39 @@ def test_migrate_incoming_that_cannot_build_its_vm_answers_an_error_and_waits_on
         asyncio.run(handler(server, {"uri": "unix:/nonexistent/in.sock"}))
     assert exc.value.desc == "cannot prepare the VM: no room"
     assert server.made.closed and server.incoming is None and not server.started
+
+
+def test_the_daemon_starts_every_migration_on_the_thread_it_started_ahead(monkeypatch):
+    # The wiring only (a real job runs on it in the KVM tests): each job the
+    # daemon starts is handed the worker whose thread has waited since the
+    # daemon's Migrations was made - not left to start a thread of its own.
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from kvmfilter.daemon import migration
+
+    started = []
+
+    class Job:
+        def __init__(self, vmm, uri, params, on_event):
+            self.active = self.moved = False
+
+        def start(self, worker=None):
+            started.append(worker)
+
+    monkeypatch.setattr(migration, "MigrationJob", Job)
+    loop = asyncio.new_event_loop()
+    try:
+        migrations = migration.Migrations(loop, lambda *args: None)
+        waiting = set(threading.enumerate())
+        guest = SimpleNamespace(stop_record=None, blocked_reasons=lambda: [])
+        migrations.start(guest, "unix:/nonexistent/a.sock")
+        migrations.start(guest, "unix:/nonexistent/b.sock")
+        [first, second] = started
+        assert first is not None and first is second
+        assert first.thread in waiting and first.thread.is_alive()
+        migrations.close()
+        assert not first.thread.is_alive()
+    finally:
+        loop.close()
